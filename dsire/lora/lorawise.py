@@ -1,0 +1,94 @@
+"""LoRA-WiSE parquet rows (Hugging Face dataset `MoSalama98/LoRA-WiSE`) as canonical LoRAs.
+
+Each row is one fine-tune snapshot: `label` (dataset size N), `name` (concept id) and one column
+per matrix, named like `unet.<module>.lora.down.weight`, holding the matrix as a float64 list
+(flat, or a list of rows). Flat columns need the rank to be reshaped; it is part of the subset
+name (`low_8`, `low_16`, `low_32`, `medium_16`, `medium_32`, `medium_32_2`, `high_32`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dsire.lora.files import DEFAULT_LIMITS, Limits, check_size
+from dsire.lora.formats import build_lora
+from dsire.lora.model import LoRA, LoRAError
+
+SUBSETS = ("low_8", "low_16", "low_32", "medium_16", "medium_32", "medium_32_2", "high_32")
+LABEL_COLUMN, CONCEPT_COLUMN = "label", "name"
+_SUBSET_IN_PATH = re.compile(r"(?:^|[/_\\])(?:low|medium|high)[_/\\](\d+)(?:_\d+)?(?:[/_\\.]|$)")
+
+
+def subset_rank(subset_or_path: str | Path) -> int | None:
+    """The LoRA rank encoded in a subset name or a path that contains one (`.../low/32/...`)."""
+    match = _SUBSET_IN_PATH.search("/" + str(subset_or_path).replace("\\", "/"))
+    return int(match.group(1)) if match else None
+
+
+def _matrix(column: pa.ListArray, name: str, role: str, rank: int | None, source: str) -> torch.Tensor:
+    """One cell (a 1-row list column) as a [rows, cols] tensor."""
+    values = column.flatten()
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        rows = len(values)
+        flat = values.flatten().to_numpy(zero_copy_only=False)
+        if rows == 0 or flat.size % rows:
+            raise LoRAError(source, f"column {name!r}: ragged nested list")
+        return torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float64).reshape(rows, -1))
+    flat = values.to_numpy(zero_copy_only=False)
+    if rank is None:
+        raise LoRAError(source, f"column {name!r} is a flat list: pass rank= (or use a path naming the subset)")
+    if flat.size == 0 or flat.size % rank:
+        raise LoRAError(source, f"column {name!r}: {flat.size} values do not reshape to rank {rank}")
+    flat = np.ascontiguousarray(flat, dtype=np.float64)
+    shape = (rank, -1) if role == "down" else (-1, rank)
+    return torch.from_numpy(flat.reshape(shape))
+
+
+def read_lorawise(
+    path: str | Path,
+    rank: int | None = None,
+    rows: range | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Iterator[LoRA]:
+    """Yield one LoRA per row (all rows, or those in `rows`), reading one row at a time."""
+    path = Path(path)
+    check_size(path, limits)
+    rank = rank if rank is not None else subset_rank(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise LoRAError(path, f"unreadable parquet file ({exc})") from exc
+    names = parquet.schema_arrow.names
+    for column in (LABEL_COLUMN, CONCEPT_COLUMN):
+        if column not in names:
+            raise LoRAError(path, f"not in the LoRA-WiSE schema: no {column!r} column")
+    weight_columns = [n for n in names if n not in (LABEL_COLUMN, CONCEPT_COLUMN)]
+    if len(weight_columns) > limits.max_tensors:
+        raise LoRAError(path, f"{len(weight_columns)} weight columns, over the {limits.max_tensors} limit")
+    index = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=1):
+            if rows is None or index in rows:
+                yield _row_to_lora(batch, weight_columns, rank, f"{path}#row={index}")
+            index += 1
+            if rows is not None and index >= rows.stop:
+                return
+    except pa.ArrowException as exc:
+        raise LoRAError(path, f"corrupt parquet data at row {index} ({exc})") from exc
+
+
+def _row_to_lora(batch: pa.RecordBatch, weight_columns: list[str], rank: int | None, source: str) -> LoRA:
+    tensors = {}
+    for name in weight_columns:
+        role = "up" if name.endswith(".up.weight") else "down"
+        tensors[name] = _matrix(batch.column(name), name, role, rank, source)
+    lora = build_lora(tensors, "lorawise", source)
+    lora.labels = {"n": int(batch.column(LABEL_COLUMN)[0].as_py()), "concept": str(batch.column(CONCEPT_COLUMN)[0].as_py())}
+    return lora

@@ -1,0 +1,93 @@
+"""Exact spectra of LoRA updates without ever forming ΔW.
+
+With up = Q_u R_u and downᵀ = Q_d R_d (thin QR), ΔW = s · up @ down = s · Q_u (R_u R_dᵀ) Q_dᵀ.
+Q_u and Q_d have orthonormal columns, so σ(ΔW) = |s| · σ(R_u R_dᵀ): singular values of an r×r
+core instead of an out×in matrix. σ(up) = σ(R_u) and σ(down) = σ(R_d) come for free, and
+Frobenius norms are the 2-norms of the singular values. Layers of one shape run as one batched call.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from dsire.lora import LoRA
+
+
+@dataclass(frozen=True)
+class Spectra:
+    """Singular values (descending, zero-padded to the rank r) and Frobenius norms.
+
+    Tensors have shape [..., r] (values) and [...] (norms): one leading dim per batched layer.
+    """
+
+    delta: torch.Tensor  # σ(ΔW)
+    down: torch.Tensor  # σ(down)
+    up: torch.Tensor  # σ(up)
+
+    @property
+    def delta_norm(self) -> torch.Tensor:
+        return torch.linalg.vector_norm(self.delta, dim=-1)
+
+    @property
+    def down_norm(self) -> torch.Tensor:
+        return torch.linalg.vector_norm(self.down, dim=-1)
+
+    @property
+    def up_norm(self) -> torch.Tensor:
+        return torch.linalg.vector_norm(self.up, dim=-1)
+
+    def __getitem__(self, index: int | slice) -> Spectra:
+        return Spectra(self.delta[index], self.down[index], self.up[index])
+
+    def cpu(self) -> Spectra:
+        return Spectra(self.delta.cpu(), self.down.cpu(), self.up.cpu())
+
+
+def _pad(values: torch.Tensor, rank: int) -> torch.Tensor:
+    missing = rank - values.shape[-1]
+    return torch.nn.functional.pad(values, (0, missing)) if missing > 0 else values
+
+
+def lowrank_spectra(
+    up: torch.Tensor,
+    down: torch.Tensor,
+    scale: torch.Tensor | float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> Spectra:
+    """Spectra of scale · up @ down for up [..., out, r], down [..., r, in], scale [...] or a float.
+
+    Computed on the inputs' device in `dtype` (float32, or float64 for reference precision).
+    """
+    rank = up.shape[-1]
+    if down.shape[-2] != rank:
+        raise ValueError(f"rank mismatch: up {tuple(up.shape)}, down {tuple(down.shape)}")
+    r_up = torch.linalg.qr(up.to(dtype), mode="r").R  # [..., min(out, r), r]
+    r_down = torch.linalg.qr(down.to(dtype).mT, mode="r").R  # [..., min(in, r), r]
+    core = r_up @ r_down.mT  # [..., min(out, r), min(in, r)]
+    scale = torch.as_tensor(scale, dtype=dtype, device=core.device).abs()
+    return Spectra(
+        delta=_pad(torch.linalg.svdvals(core), rank) * scale.unsqueeze(-1),
+        down=_pad(torch.linalg.svdvals(r_down), rank),
+        up=_pad(torch.linalg.svdvals(r_up), rank),
+    )
+
+
+def lora_spectra(
+    lora: LoRA, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, Spectra]:
+    """Per-layer spectra of one LoRA, layers of equal shape batched together; results on the CPU."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name, layer in lora.layers.items():
+        groups[(tuple(layer.up.shape), tuple(layer.down.shape))].append(name)
+    result: dict[str, Spectra] = {}
+    for names in groups.values():
+        layers = [lora.layers[n] for n in names]
+        up = torch.stack([layer.up for layer in layers]).to(device)
+        down = torch.stack([layer.down for layer in layers]).to(device)
+        scale = torch.tensor([layer.scale for layer in layers], dtype=torch.float64)
+        batch = lowrank_spectra(up, down, scale, dtype=dtype).cpu()
+        result.update({n: batch[i] for i, n in enumerate(names)})
+    return {name: result[name] for name in lora.layers}
