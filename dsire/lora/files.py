@@ -137,9 +137,7 @@ def read_torch(path: Path, allow_torch_load: bool, limits: Limits = DEFAULT_LIMI
         raise LoRAError(path, f"refused or unreadable torch checkpoint ({type(exc).__name__}: {exc})") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise LoRAError(path, "torch checkpoint is not a flat {name: tensor} state dict")
     if len(obj) > limits.max_tensors:
         raise LoRAError(path, f"{len(obj)} tensors, over the {limits.max_tensors} limit")

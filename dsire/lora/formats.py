@@ -185,8 +185,9 @@ def _build_layer(name: str, parts: _Parts, alpha: float | None, rslora: bool, so
     rank = down.shape[0]
     alpha_given = alpha is not None
     alpha = float(alpha) if alpha is not None else float(rank)
-    return LoRALayer(down=down, up=up, alpha=alpha, scale=lora_scale(alpha, rank, rslora), alpha_given=alpha_given,
-                     kernel=kernel)
+    return LoRALayer(
+        down=down, up=up, alpha=alpha, scale=lora_scale(alpha, rank, rslora), alpha_given=alpha_given, kernel=kernel
+    )
 
 
 def _alpha_from_tensor(t: torch.Tensor, name: str, source: str | Path) -> float | None:
@@ -246,7 +247,9 @@ def build_lora(
             alpha, rslora = None, False
         layer = _build_layer(name, parts, alpha, rslora, source)
         if config is not None and config.rank_for(name) not in (None, layer.rank):
-            raise LoRAError(source, f"layer {name}: rank {layer.rank} in the weights, {config.rank_for(name)} in the config")
+            raise LoRAError(
+                source, f"layer {name}: rank {layer.rank} in the weights, {config.rank_for(name)} in the config"
+            )
         layers[name] = layer
 
     notes = []

@@ -90,5 +90,8 @@ def _row_to_lora(batch: pa.RecordBatch, weight_columns: list[str], rank: int | N
         role = "up" if name.endswith(".up.weight") else "down"
         tensors[name] = _matrix(batch.column(name), name, role, rank, source)
     lora = build_lora(tensors, "lorawise", source)
-    lora.labels = {"n": int(batch.column(LABEL_COLUMN)[0].as_py()), "concept": str(batch.column(CONCEPT_COLUMN)[0].as_py())}
+    lora.labels = {
+        "n": int(batch.column(LABEL_COLUMN)[0].as_py()),
+        "concept": str(batch.column(CONCEPT_COLUMN)[0].as_py()),
+    }
     return lora

@@ -52,8 +52,11 @@ def save_lora(
         header[DIFFUSERS_METADATA_KEY] = json.dumps({f"{component}.{k}": v for k, v in config.items()}, sort_keys=True)
         return _save(prefixed, Path(path), header)
     if format == "kohya":
-        return _save(_to_kohya(prefixed, config), Path(path), {
-            "ss_network_dim": str(config["r"]), "ss_network_alpha": str(config.get("lora_alpha")), **header})
+        return _save(
+            _to_kohya(prefixed, config),
+            Path(path),
+            {"ss_network_dim": str(config["r"]), "ss_network_alpha": str(config.get("lora_alpha")), **header},
+        )
     raise ValueError(f"unknown save format {format!r}; one of {SAVE_FORMATS}")
 
 
