@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dsire.lora.model import LoRA, LoRAError, LoRALayer, lora_scale
-from dsire.lora.names import COMPONENTS, kohya_to_canonical, natural_key, with_component
+from dsire.lora.names import COMPONENTS, canonical_path, kohya_to_canonical, natural_key
 
 FORMATS = ("peft", "diffusers", "diffusers_old", "kohya", "lorawise")
 
@@ -113,19 +113,19 @@ def _canonical_peft(key: str) -> tuple[str, str] | None:
     m = _PEFT_KEY.match(key)
     if m is None:
         return None
-    module = m["module"].removeprefix("base_model.model.")
-    return with_component(module), "down" if m["ab"] == "A" else "up"
+    module = m["module"].replace("base_model.model.", "")  # PeftModel's wrapper, also found after a component
+    return canonical_path(module), "down" if m["ab"] == "A" else "up"
 
 
 def _canonical_old(key: str) -> tuple[str, str] | None:
     if m := _OLD_PROCESSOR_KEY.match(key):
         module = m["module"]
         names = _OLD_PROJ_TEXT if module.endswith("self_attn") else _OLD_PROJ_UNET
-        return with_component(f"{module}.{names[m['proj']]}"), m["role"]
+        return canonical_path(f"{module}.{names[m['proj']]}"), m["role"]
     if m := _OLD_KEY.match(key):
-        return with_component(m["module"]), m["role"]
+        return canonical_path(m["module"]), m["role"]
     if m := _ALPHA_KEY.match(key):
-        return with_component(m["module"]), "alpha"
+        return canonical_path(m["module"]), "alpha"
     return None
 
 

@@ -40,13 +40,13 @@ def _matrix(column: pa.ListArray, name: str, role: str, rank: int | None, source
         flat = values.flatten().to_numpy(zero_copy_only=False)
         if rows == 0 or flat.size % rows:
             raise LoRAError(source, f"column {name!r}: ragged nested list")
-        return torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float64).reshape(rows, -1))
+        return torch.from_numpy(np.array(flat, dtype=np.float64).reshape(rows, -1))
     flat = values.to_numpy(zero_copy_only=False)
     if rank is None:
         raise LoRAError(source, f"column {name!r} is a flat list: pass rank= (or use a path naming the subset)")
     if flat.size == 0 or flat.size % rank:
         raise LoRAError(source, f"column {name!r}: {flat.size} values do not reshape to rank {rank}")
-    flat = np.ascontiguousarray(flat, dtype=np.float64)
+    flat = np.array(flat, dtype=np.float64)  # an owned, writable copy of Arrow's buffer
     shape = (rank, -1) if role == "down" else (-1, rank)
     return torch.from_numpy(flat.reshape(shape))
 

@@ -125,24 +125,24 @@ def sgm_to_diffusers(path: str) -> str:
     for old, new in _SGM_TOP_LEVEL.items():
         if path == old or path.startswith(old + "."):
             return new + path[len(old) :]
-    match = re.match(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.(\d+)(?:\.(.*))?$", path)
+    match = re.match(r"(?:(input_blocks|output_blocks)\.(\d+)|middle_block)\.(\d+)(?:\.(.*))?$", path)
     if match is None:
         return path
-    kind, outer, inner, rest = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4) or ""
+    kind, outer, inner, rest = match.group(1), match.group(2), int(match.group(3)), match.group(4) or ""
     for old, new in _SGM_RESNET_RENAMES.items():
         if rest == old or rest.startswith(old + "."):
             rest = new + rest[len(old) :]
     per_block = SGM_LAYERS_PER_BLOCK + 1
-    if kind == "middle_block":
-        head = {0: "mid_block.resnets.0", 1: "mid_block.attentions.0", 2: "mid_block.resnets.1"}[outer]
+    if kind is None:  # middle_block.{0,1,2}: resnet, attention, resnet
+        head = ("mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1")[inner]
     elif kind == "input_blocks":
-        block, layer = (outer - 1) // per_block, (outer - 1) % per_block
+        block, layer = (int(outer) - 1) // per_block, (int(outer) - 1) % per_block
         if rest.startswith("op"):  # the downsampling conv closes the block
             head, rest = f"down_blocks.{block}.downsamplers.0", "conv" + rest[2:]
         else:
             head = f"down_blocks.{block}.{('resnets', 'attentions')[inner]}.{layer}"
     else:
-        block, layer = outer // per_block, outer % per_block
+        block, layer = int(outer) // per_block, int(outer) % per_block
         if inner > 0 and rest.startswith("conv"):  # the upsampling conv follows the resnet (and attention)
             head = f"up_blocks.{block}.upsamplers.0"
         else:
@@ -157,14 +157,19 @@ def kohya_to_canonical(name: str) -> str | None:
             path = underscores_to_dots(name[len(prefix) :])
             if component == "unet":
                 path = sgm_to_diffusers(path)
-            return f"{component}.{path}"
+            return canonical_path(f"{component}.{path}")
     return None
+
+
+# transformers >= 5 dropped CLIPTextModel's `text_model.` level; files in the wild keep it, so we do too.
+_CLIP_TOP_LEVEL = ("encoder", "embeddings", "final_layer_norm")
+_CLIP_LAYER = re.compile(r"^(text_model\.)?encoder\.layers\.\d+\.(self_attn|mlp)\.")
 
 
 def infer_component(path: str) -> str | None:
     """The pipeline component a bare module path belongs to, judged from its names."""
     first = path.split(".", 1)[0]
-    if first == "text_model":
+    if _CLIP_LAYER.match(path):
         return "text_encoder"
     if first in ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding"):
         return "unet"
@@ -173,12 +178,13 @@ def infer_component(path: str) -> str | None:
     return None
 
 
-def with_component(path: str) -> str:
-    """Prefix a module path with its component when it has none and one can be inferred."""
-    if path.split(".", 1)[0] in COMPONENTS:
-        return path
-    component = infer_component(path)
-    return f"{component}.{path}" if component else path
+def canonical_path(path: str) -> str:
+    """`<component>.<module path>`, the component inferred when the path has none."""
+    first, _, rest = path.partition(".")
+    component, rest = (first, rest) if first in COMPONENTS else (infer_component(path), path)
+    if component in ("text_encoder", "text_encoder_2") and rest.split(".", 1)[0] in _CLIP_TOP_LEVEL:
+        rest = f"text_model.{rest}"
+    return f"{component}.{rest}" if component else rest
 
 
 def natural_key(name: str) -> tuple:
