@@ -1,0 +1,97 @@
+"""Spectra from the r×r core equal those of the dense product, on every shape that matters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsire.lora import load_lora
+from dsire.lora.save import save_lora
+from dsire.spectra import lora_spectra, lowrank_spectra
+
+
+def dense_reference(up: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
+    """σ(scale · up @ down) from the dense float64 product, zero-padded to the rank."""
+    values = torch.linalg.svdvals(scale * (up.double() @ down.double()))[: up.shape[-1]]
+    return torch.nn.functional.pad(values, (0, up.shape[-1] - values.shape[-1]))
+
+
+SHAPES = [  # (out, in, r)
+    (320, 320, 8),
+    (640, 768, 32),
+    (1280, 320, 16),
+    (5, 40, 8),  # out < r
+    (40, 3, 8),  # in < r
+    (2, 3, 4),  # both < r
+]
+
+
+@pytest.mark.parametrize(("out", "inp", "rank"), SHAPES)
+def test_float64_matches_dense_svd(out, inp, rank):
+    g = torch.Generator().manual_seed(out * inp + rank)
+    up, down = torch.randn(out, rank, generator=g), torch.randn(rank, inp, generator=g)
+    s = lowrank_spectra(up, down, -0.7, dtype=torch.float64)
+    torch.testing.assert_close(s.delta, dense_reference(up, down, -0.7), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s.up, dense_reference(up, torch.eye(rank), 1.0), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s.down, dense_reference(torch.eye(rank), down, 1.0), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s.delta_norm, torch.linalg.matrix_norm(0.7 * up.double() @ down.double()))
+    torch.testing.assert_close(s.up_norm, torch.linalg.matrix_norm(up.double()))
+
+
+@pytest.mark.parametrize(("out", "inp", "rank"), SHAPES)
+def test_float32_within_1e5_relative(out, inp, rank):
+    g = torch.Generator().manual_seed(rank)
+    up, down = torch.randn(out, rank, generator=g), torch.randn(rank, inp, generator=g)
+    s = lowrank_spectra(up, down, 1.5)
+    reference = dense_reference(up, down, 1.5)
+    assert s.delta.dtype == torch.float32
+    assert ((s.delta.double() - reference).abs() <= 1e-5 * reference[0]).all()
+
+
+def test_rank_deficient():
+    g = torch.Generator().manual_seed(0)
+    up = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    down = torch.randn(3, 48, generator=g, dtype=torch.float64)
+    down = torch.cat([down, down[:1] * 2, torch.zeros(4, 48, dtype=torch.float64)])  # rank 3 of 8
+    s = lowrank_spectra(up, down, 1.0, dtype=torch.float64)
+    torch.testing.assert_close(s.delta, dense_reference(up, down, 1.0), rtol=1e-9, atol=1e-9)
+    assert (s.delta[3:] < 1e-10 * s.delta[0]).all()
+
+
+def test_zero_up_gives_zeros_not_nan():
+    for dtype in (torch.float32, torch.float64):
+        s = lowrank_spectra(torch.zeros(3, 64, 8), torch.randn(3, 8, 32), torch.ones(3), dtype=dtype)
+        assert torch.equal(s.delta, torch.zeros(3, 8, dtype=dtype))
+        assert torch.equal(s.up, torch.zeros(3, 8, dtype=dtype))
+        assert torch.isfinite(s.down).all() and (s.down > 0).all()
+
+
+def test_batched_equals_one_by_one():
+    g = torch.Generator().manual_seed(1)
+    up, down = torch.randn(5, 96, 8, generator=g), torch.randn(5, 8, 64, generator=g)
+    scale = torch.tensor([1.0, 2.0, 0.5, -1.0, 3.0])
+    batch = lowrank_spectra(up, down, scale, dtype=torch.float64)
+    for i in range(5):
+        one = lowrank_spectra(up[i], down[i], float(scale[i]), dtype=torch.float64)
+        torch.testing.assert_close(batch[i].delta, one.delta)
+
+
+def test_lora_spectra_per_layer(unet_finetune, tmp_path):
+    path = save_lora(unet_finetune.state, tmp_path / "l.safetensors", "kohya", unet_finetune.config.to_dict())
+    lora = load_lora(path)
+    spectra = lora_spectra(lora, dtype=torch.float64)
+    assert list(spectra) == list(lora.layers)
+    for name, layer in lora.layers.items():
+        expected = dense_reference(layer.up, layer.down, layer.scale)
+        torch.testing.assert_close(spectra[name].delta, expected, rtol=1e-9, atol=1e-12)
+        assert spectra[name].delta.shape == (layer.rank,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(2)
+    up, down = torch.randn(16, 1280, 32, generator=g), torch.randn(16, 32, 768, generator=g)
+    cpu = lowrank_spectra(up, down, 1.0, dtype=torch.float64)
+    gpu = lowrank_spectra(up.cuda(), down.cuda(), 1.0, dtype=torch.float64)
+    assert gpu.delta.is_cuda
+    torch.testing.assert_close(gpu.delta.cpu(), cpu.delta)
