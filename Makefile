@@ -1,0 +1,29 @@
+# Set-up and the two commands of the README. The first use creates .venv with the CPU build of
+# torch pinned (any other torch spec pulls gigabytes of CUDA packages); for a GPU install, run
+# `make TORCH=torch` (or any CUDA build) on a machine with CUDA, and `pip install -e .[gpu]`.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+SAMPLE ?= data/samples/tiny_unet_kohya.safetensors
+
+.PHONY: train test lint bench sample
+
+$(BIN)/dsire: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+# The main job on bundled data (until train.py lands: inspect a bundled LoRA).
+train: $(BIN)/dsire
+	$(BIN)/dsire inspect $(SAMPLE)
+
+test: $(BIN)/dsire
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/dsire
+	$(BIN)/python -m benchmarks.spectra

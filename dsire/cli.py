@@ -1,0 +1,111 @@
+"""`dsire` command line: `dsire inspect FILE [--json]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from dsire.lora import FORMATS, LoRA, LoRAError, load_lora
+from dsire.lora.family import guess_base_model
+from dsire.spectra import Spectra, lora_spectra
+
+
+def inspect_report(lora: LoRA, spectra: dict[str, Spectra]) -> dict:
+    """Everything `inspect` shows, as plain JSON-ready data."""
+    return {
+        "source": lora.source,
+        "format": lora.format,
+        "base_model": guess_base_model(lora),
+        "notes": lora.notes,
+        "labels": lora.labels,
+        "metadata": lora.metadata,  # kohya `ss_*` training facts, zoo labels, diffusers adapter config
+        "layers": {
+            name: {
+                "rank": layer.rank,
+                "shape": list(layer.shape),
+                "kernel": list(layer.kernel),
+                "alpha": layer.alpha,
+                "alpha_given": layer.alpha_given,
+                "scale": layer.scale,
+                "norm": float(spectra[name].delta_norm),
+                "singular_values": spectra[name].delta.tolist(),
+            }
+            for name, layer in lora.layers.items()
+        },
+    }
+
+
+def _print_report(report: dict, top: int, console: Console) -> None:
+    ranks = sorted({layer["rank"] for layer in report["layers"].values()})
+    console.print(f"[bold]{report['source']}[/bold]")
+    console.print(f"format: {report['format']}   base model: {report['base_model']}")
+    console.print(f"layers: {len(report['layers'])}   rank: {', '.join(map(str, ranks))}")
+    for key, value in {**report["labels"], **report["metadata"]}.items():
+        text = str(value)
+        console.print(f"  {key}: {text if len(text) <= 200 else text[:200] + '…'}")
+    for note in report["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    table = Table()
+    table.add_column("layer", overflow="fold")
+    for column in ("rank", "shape", "scale", "‖ΔW‖F"):
+        table.add_column(column, no_wrap=True)
+    table.add_column(f"top {top} σ(ΔW)", overflow="fold")
+    for name, layer in report["layers"].items():
+        sigma = " ".join(f"{s:.3g}" for s in layer["singular_values"][:top])
+        shape = "×".join(map(str, layer["shape"])) + (
+            f" (conv {'×'.join(map(str, layer['kernel']))})" if layer["kernel"] else ""
+        )
+        table.add_row(name, str(layer["rank"]), shape, f"{layer['scale']:.4g}", f"{layer['norm']:.4g}", sigma)
+    console.print(table)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    try:
+        lora = load_lora(args.file, args.format, allow_torch_load=args.allow_torch_load, rank=args.rank, row=args.row)
+    except LoRAError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    dtype = torch.float64 if args.float64 else torch.float32
+    report = inspect_report(lora, lora_spectra(lora, device=args.device, dtype=dtype))
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        _print_report(report, args.top, Console())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsire", description="What data went into this fine-tuned model?")
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="format, base model, layers, ranks, scales and spectra of a LoRA")
+    inspect.add_argument("file", help="LoRA file, PEFT/diffusers directory, or LoRA-WiSE parquet file")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="override format detection")
+    inspect.add_argument("--rank", type=int, help="rank of flat LoRA-WiSE columns (default: from the subset path)")
+    inspect.add_argument("--row", type=int, default=0, help="row of a LoRA-WiSE parquet file")
+    inspect.add_argument("--top", type=int, default=4, help="singular values shown per layer in the table")
+    inspect.add_argument("--device", default="cpu", help="device for the spectra, e.g. cuda")
+    inspect.add_argument("--float64", action="store_true", help="compute spectra in float64")
+    inspect.add_argument(
+        "--allow-torch-load",
+        action="store_true",
+        help="read .ckpt/.pt/.bin files with torch.load(weights_only=True) (pickle-based: untrusted files are a risk)",
+    )
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
