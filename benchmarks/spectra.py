@@ -21,11 +21,11 @@ from benchmarks.report import write_section
 from dsire.lora import LoRA, LoRALayer
 from dsire.spectra import lora_spectra
 
-# (diffusers block path, width, transformer blocks) of the SD 1.5 UNet
+# (diffusers path, width) of the 16 attention blocks of the SD 1.5 UNet, one transformer block each
 SD15_BLOCKS = [
-    *[(f"down_blocks.{b}.attentions.{a}", w, 1) for b, w in enumerate((320, 640, 1280)) for a in range(2)],
-    ("mid_block.attentions.0", 1280, 1),
-    *[(f"up_blocks.{b}.attentions.{a}", w, 1) for b, w in zip((1, 2, 3), (1280, 640, 320)) for a in range(3)],
+    *[(f"down_blocks.{b}.attentions.{a}", w) for b, w in enumerate((320, 640, 1280)) for a in range(2)],
+    ("mid_block.attentions.0", 1280),
+    *[(f"up_blocks.{b}.attentions.{a}", w) for b, w in ((1, 1280), (2, 640), (3, 320)) for a in range(3)],
 ]
 CROSS_DIM = 768
 
@@ -33,7 +33,7 @@ CROSS_DIM = 768
 def sd15_shapes() -> dict[str, tuple[int, int]]:
     """{layer name: (out, in)} of the 128 attention projections LoRA-WiSE adapts."""
     shapes = {}
-    for block, width, _ in SD15_BLOCKS:
+    for block, width in SD15_BLOCKS:
         for attn, context in (("attn1", width), ("attn2", CROSS_DIM)):
             prefix = f"unet.{block}.transformer_blocks.0.{attn}"
             shapes |= {
