@@ -43,7 +43,14 @@ def tiny_unet(layers_per_block: int = 1) -> UNet2DConditionModel:
 def tiny_clip() -> CLIPTextModel:
     torch.manual_seed(0)
     config = CLIPTextConfig(
-        hidden_size=32, intermediate_size=40, num_attention_heads=4, num_hidden_layers=2, vocab_size=99
+        hidden_size=32,
+        intermediate_size=40,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=99,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
     return CLIPTextModel(config)
 
