@@ -9,6 +9,7 @@ Frobenius norms are the 2-norms of the singular values. Layers of one shape run 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,19 +76,31 @@ def lowrank_spectra(
     )
 
 
+def batch_spectra(
+    loras: Sequence[LoRA], device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> list[dict[str, Spectra]]:
+    """Per-layer spectra of several LoRAs; layers of equal shape, across all LoRAs, run as one call.
+
+    Results are on the CPU, in each LoRA's layer order.
+    """
+    groups: dict[tuple, list[tuple[int, str]]] = defaultdict(list)
+    for i, lora in enumerate(loras):
+        for name, layer in lora.layers.items():
+            groups[(tuple(layer.up.shape), tuple(layer.down.shape))].append((i, name))
+    results: list[dict[str, Spectra]] = [{} for _ in loras]
+    for members in groups.values():
+        layers = [loras[i].layers[name] for i, name in members]
+        up = torch.stack([layer.up for layer in layers]).to(device, non_blocking=True)
+        down = torch.stack([layer.down for layer in layers]).to(device, non_blocking=True)
+        scale = torch.tensor([layer.scale for layer in layers], dtype=torch.float64)
+        batch = lowrank_spectra(up, down, scale, dtype=dtype).cpu()
+        for j, (i, name) in enumerate(members):
+            results[i][name] = batch[j]
+    return [{name: result[name] for name in lora.layers} for lora, result in zip(loras, results, strict=True)]
+
+
 def lora_spectra(
     lora: LoRA, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> dict[str, Spectra]:
-    """Per-layer spectra of one LoRA, layers of equal shape batched together; results on the CPU."""
-    groups: dict[tuple, list[str]] = defaultdict(list)
-    for name, layer in lora.layers.items():
-        groups[(tuple(layer.up.shape), tuple(layer.down.shape))].append(name)
-    result: dict[str, Spectra] = {}
-    for names in groups.values():
-        layers = [lora.layers[n] for n in names]
-        up = torch.stack([layer.up for layer in layers]).to(device)
-        down = torch.stack([layer.down for layer in layers]).to(device)
-        scale = torch.tensor([layer.scale for layer in layers], dtype=torch.float64)
-        batch = lowrank_spectra(up, down, scale, dtype=dtype).cpu()
-        result.update({n: batch[i] for i, n in enumerate(names)})
-    return {name: result[name] for name in lora.layers}
+    """Per-layer spectra of one LoRA (see `batch_spectra`)."""
+    return batch_spectra([lora], device, dtype)[0]

@@ -95,3 +95,18 @@ def test_cuda_matches_cpu():
     gpu = lowrank_spectra(up.cuda(), down.cuda(), 1.0, dtype=torch.float64)
     assert gpu.delta.is_cuda
     torch.testing.assert_close(gpu.delta.cpu(), cpu.delta)
+
+
+def test_batch_spectra_across_loras_equals_one_by_one(unet_finetune, unet_finetune_alpha_r, tmp_path):
+    from dsire.spectra import batch_spectra
+
+    loras = []
+    for i, finetune in enumerate((unet_finetune, unet_finetune_alpha_r)):
+        path = save_lora(finetune.state, tmp_path / f"{i}.safetensors", "kohya", finetune.config.to_dict())
+        loras.append(load_lora(path))
+    together = batch_spectra(loras, dtype=torch.float64)
+    for lora, spectra in zip(loras, together, strict=True):
+        alone = lora_spectra(lora, dtype=torch.float64)
+        assert list(spectra) == list(alone)
+        for name in alone:
+            torch.testing.assert_close(spectra[name].delta, alone[name].delta)
