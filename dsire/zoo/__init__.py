@@ -1,0 +1,1 @@
+"""Zoos: LoRA fine-tunes of one base and one recipe, swept over dataset size N."""

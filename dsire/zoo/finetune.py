@@ -1,0 +1,56 @@
+"""One LoRA fine-tune: N images of a concept, fixed steps, snapshots saved as they are reached."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+from dsire.zoo.base import BaseModel
+from dsire.zoo.harness import NoisePrediction, quiet_trainer
+
+ADAPTER = "zoo"
+Snapshot = Callable[[int, dict[str, torch.Tensor]], None]
+
+
+def lora_config(cfg: DictConfig) -> LoraConfig:
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules), init_lora_weights=True)
+
+
+class SnapshotCallback(pl.Callback):
+    """Hands the LoRA state to `save` at each configured global step."""
+
+    def __init__(self, steps: list[int], save: Snapshot):
+        self.steps, self.save = set(steps), save
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args) -> None:
+        if trainer.global_step in self.steps:
+            self.save(trainer.global_step, get_peft_model_state_dict(module.unet, adapter_name=ADAPTER))
+
+
+def finetune(
+    base: BaseModel, images: torch.Tensor, token_ids: torch.Tensor, cfg: DictConfig, seed: int, save: Snapshot
+) -> None:
+    """Train one adapter on `images` (all conditioned on `token_ids`); `seed` sets init, order and noise."""
+    base.unet.requires_grad_(False)
+    torch.manual_seed(seed)  # the LoRA A-initialisation
+    base.unet.add_adapter(lora_config(cfg.lora), adapter_name=ADAPTER)
+    try:
+        dataset = TensorDataset(images, token_ids.expand(len(images), -1))
+        sampler = RandomSampler(
+            dataset,
+            replacement=True,
+            num_samples=cfg.train.steps * cfg.train.batch_size,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler)
+        module = NoisePrediction(base, lr=cfg.train.lr, seed=seed)
+        snapshots = OmegaConf.to_container(cfg.train.snapshot_steps)
+        quiet_trainer(cfg.train.steps, callbacks=[SnapshotCallback(snapshots, save)]).fit(module, loader)
+    finally:
+        base.unet.delete_adapters(ADAPTER)

@@ -1,0 +1,45 @@
+"""A recipe's base model and concepts, by `zoo.base.kind` (tiny | sd15)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from dsire.zoo.base import BaseModel, load_sd15, load_tiny
+from dsire.zoo.data import concept_class, digit_concepts, folder_concepts
+from dsire.zoo.pretrain import pretrain_tiny, prompt
+
+Concepts = dict[str, tuple[torch.Tensor, torch.Tensor]]  # concept -> (ordered image pool, prompt token ids)
+
+
+def load_base(cfg: DictConfig) -> BaseModel:
+    if cfg.base.kind == "tiny":
+        return load_tiny(cfg.base, pretrain_tiny(cfg.base))
+    if cfg.base.kind == "sd15":
+        return load_sd15(cfg.base.path)
+    raise ValueError(f"unknown base kind {cfg.base.kind!r} (tiny | sd15)")
+
+
+def load_concepts(cfg: DictConfig) -> Concepts:
+    if cfg.data.kind == "digits":
+        pools = digit_concepts(cfg.data.pools_per_class)
+        concepts = {name: (images, prompt(concept_class(name), identifier=True)) for name, images in pools.items()}
+    elif cfg.data.kind == "folders":
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(Path(cfg.base.path) / "tokenizer", local_files_only=True)
+        concepts = {}
+        for name, images in folder_concepts(cfg.data.root, cfg.data.resolution).items():
+            text = cfg.data.prompt.format(concept=name.replace("_", " "))
+            ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+            concepts[name] = (images, ids.input_ids)
+    else:
+        raise ValueError(f"unknown concept data kind {cfg.data.kind!r} (digits | folders)")
+    if cfg.data.get("concepts"):
+        concepts = {name: concepts[name] for name in cfg.data.concepts}
+    too_small = {name: len(images) for name, (images, _) in concepts.items() if len(images) < max(cfg.sizes)}
+    if too_small:
+        raise ValueError(f"concepts with fewer images than the largest size {max(cfg.sizes)}: {too_small}")
+    return concepts

@@ -1,0 +1,185 @@
+"""A sweep: every (concept, N, replicate) fine-tune of a recipe, sharded over processes, resumable.
+
+Each finished checkpoint is written atomically and then recorded in `manifest.csv` (also written
+atomically), so a killed sweep leaves only complete files and a manifest that lists them; the
+next run skips every job whose snapshots are all recorded and present.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from dsire.atomic import atomic_write_text
+from dsire.lora.save import save_lora
+from dsire.zoo.finetune import finetune, lora_config
+from dsire.zoo.pretrain import config_hash
+from dsire.zoo.recipes import load_base, load_concepts
+from dsire.zoo.seeds import model_seed
+
+MANIFEST = "manifest.csv"
+COLUMNS = (
+    "path",
+    "n",
+    "concept",
+    "replicate",
+    "seed",
+    "step",
+    "rank",
+    "alpha",
+    "format",
+    "recipe_hash",
+    "base_fingerprint",
+    "seconds",
+)
+RECIPE_KEYS = ["base", "data", "lora", "train", "sizes", "replicates", "seeds", "format", "dtype"]
+
+
+@dataclass(frozen=True)
+class Job:
+    concept: str
+    n: int
+    replicate: int
+    seed: int
+
+    def filename(self, step: int, fmt: str) -> str:
+        suffix = "" if fmt == "peft" else ".safetensors"
+        return f"{self.concept}_n{self.n}_r{self.replicate}_step{step}{suffix}"
+
+
+def recipe_hash(cfg: DictConfig) -> str:
+    return config_hash(OmegaConf.masked_copy(cfg, RECIPE_KEYS))
+
+
+def plan(cfg: DictConfig, concepts: list[str]) -> list[Job]:
+    """All jobs, ordered by concept then N; seeds come from the policy, never from N alone."""
+    return [
+        Job(concept, n, rep, model_seed(cfg.seeds.policy, cfg.seeds.zoo_seed, concept, rep, n))
+        for concept in concepts
+        for n in cfg.sizes
+        for rep in range(cfg.replicates)
+    ]
+
+
+def read_manifest(out_dir: Path) -> list[dict[str, str]]:
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_manifest(out_dir: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: (r["concept"], int(r["n"]), int(r["replicate"]), int(r["step"]))))
+    atomic_write_text(out_dir / MANIFEST, buffer.getvalue())
+
+
+def finished(job: Job, rows: list[dict[str, str]], cfg: DictConfig, out_dir: Path) -> bool:
+    recorded = {row["path"] for row in rows}
+    names = [job.filename(step, cfg.format) for step in cfg.train.snapshot_steps]
+    return all(name in recorded and (out_dir / name).exists() for name in names)
+
+
+# Worker state: each process loads the base and the concepts once.
+_STATE: dict = {}
+
+
+def _init_worker(cfg_container: dict, threads: int) -> None:
+    torch.set_num_threads(threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    cfg = OmegaConf.create(cfg_container)
+    _STATE.update(cfg=cfg, base=load_base(cfg), concepts=load_concepts(cfg), recipe=recipe_hash(cfg))
+
+
+def run_job(job: Job) -> list[dict]:
+    """Fine-tune one job and save its snapshots; returns their manifest rows."""
+    cfg, base = _STATE["cfg"], _STATE["base"]
+    images, token_ids = _STATE["concepts"][job.concept]
+    out_dir = Path(cfg.out_dir)
+    config = lora_config(cfg.lora).to_dict()
+    rows, start = [], time.perf_counter()
+
+    def save(step: int, state: dict[str, torch.Tensor]) -> None:
+        name = job.filename(step, cfg.format)
+        row = {
+            "path": name,
+            "n": job.n,
+            "concept": job.concept,
+            "replicate": job.replicate,
+            "seed": job.seed,
+            "step": step,
+            "rank": cfg.lora.rank,
+            "alpha": cfg.lora.alpha,
+            "format": cfg.format,
+            "recipe_hash": _STATE["recipe"],
+            "base_fingerprint": base.fingerprint,
+            "seconds": f"{time.perf_counter() - start:.2f}",
+        }
+        metadata = {f"dsire_{k}": str(v) for k, v in row.items() if k not in ("path", "seconds")}
+        save_lora(state, out_dir / name, cfg.format, config, metadata=metadata, dtype=getattr(torch, cfg.dtype))
+        rows.append(row)
+
+    finetune(base, images[: job.n], token_ids, cfg, job.seed, save)
+    return rows
+
+
+def run_sweep(cfg: DictConfig, workers: int, console: Console | None = None) -> list[dict[str, str]]:
+    """Run every unfinished job of the recipe; returns the manifest rows."""
+    console = console or Console()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    _init_worker(container, threads=torch.get_num_threads())  # pretrains the base once, before any worker
+    rows = read_manifest(out_dir)
+    jobs = plan(cfg, list(_STATE["concepts"]))
+    todo = [job for job in jobs if not finished(job, rows, cfg, out_dir)]
+    console.print(f"zoo {cfg.name}: {len(jobs)} fine-tunes, {len(jobs) - len(todo)} already done, {len(todo)} to run")
+    start = time.perf_counter()
+    with Progress(console=console) as progress:
+        bar = progress.add_task("fine-tuning", total=len(todo))
+        for new_rows in _execute(todo, container, workers):
+            rows = [r for r in rows if r["path"] not in {n["path"] for n in new_rows}] + new_rows
+            write_manifest(out_dir, rows)
+            progress.advance(bar)
+    _summary(rows, len(todo), time.perf_counter() - start, console)
+    return read_manifest(out_dir)
+
+
+def _execute(jobs: list[Job], container: dict, workers: int):
+    """Yield each job's rows as it finishes: in this process for one worker, else in a process pool."""
+    if workers <= 1:
+        for job in jobs:
+            yield run_job(job)
+        return
+    context = get_context("spawn")  # fresh interpreters: no forked torch thread pools
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(container, 1)) as pool:
+        for future in as_completed([pool.submit(run_job, job) for job in jobs]):
+            yield future.result()
+
+
+def _summary(rows: list[dict[str, str]], ran: int, seconds: float, console: Console) -> None:
+    by_n: dict[int, list[float]] = defaultdict(list)
+    for row in rows:
+        by_n[int(row["n"])].append(float(row["seconds"]))
+    table = Table(title=f"zoo: {len(rows)} checkpoints; this run {ran} fine-tunes in {seconds:.0f} s")
+    for column in ("N", "checkpoints", "mean s / fine-tune"):
+        table.add_column(column)
+    for n in sorted(by_n):
+        table.add_row(str(n), str(len(by_n[n])), f"{sum(by_n[n]) / len(by_n[n]):.1f}")
+    console.print(table)
