@@ -1,0 +1,96 @@
+"""Callbacks that turn test results into figures and tables for any logger (W&B first).
+
+They accumulate over the test runs of one job (one per split), so the figures describe every
+held-out prediction made so far; each is re-logged after every split.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import lightning.pytorch as pl
+import matplotlib.pyplot as plt  # headless machines fall back to the Agg backend by themselves
+import numpy as np
+
+from dsire.loggers import log_figure, log_table
+from dsire.models.module import DSiReModule, Features
+
+
+class ConfusionMatrix(pl.Callback):
+    """True N (rows) against predicted N (columns), summed over splits."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.counts: dict[tuple[int, int], int] = defaultdict(int)
+
+    def on_test_end(self, trainer: pl.Trainer, module: DSiReModule) -> None:
+        results = module.results()
+        for _, truth, predicted in results.get("predictions", []):
+            self.counts[(truth, predicted)] += 1
+        sizes = sorted({s for pair in self.counts for s in pair})
+        if not sizes:
+            return
+        matrix = np.zeros((len(sizes), len(sizes)), np.int64)
+        for (truth, predicted), count in self.counts.items():
+            matrix[sizes.index(truth), sizes.index(predicted)] = count
+        figure, axis = plt.subplots(figsize=(1 + 0.6 * len(sizes), 1 + 0.6 * len(sizes)))
+        axis.imshow(matrix, cmap="Blues")
+        axis.set(
+            xticks=range(len(sizes)),
+            yticks=range(len(sizes)),
+            xticklabels=sizes,
+            yticklabels=sizes,
+            xlabel="predicted N",
+            ylabel="true N",
+            title="held-out predictions",
+        )
+        for (i, j), count in np.ndenumerate(matrix):
+            axis.text(j, i, str(count), ha="center", va="center", fontsize=8)
+        log_figure(trainer, "confusion_matrix", figure, self.output_dir)
+        plt.close(figure)
+
+
+class PerLayerAccuracy(pl.Callback):
+    """How often each layer's own nearest neighbour had the right N: which layers carry the signal."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.hits: dict[str, list[float]] = defaultdict(list)
+
+    def on_test_end(self, trainer: pl.Trainer, module: DSiReModule) -> None:
+        for voter, accuracy in module.results().get("per_voter_accuracy", {}).items():
+            self.hits[voter].append(accuracy)
+        if not self.hits:
+            return
+        rows = sorted(([v, round(float(np.mean(a)), 4)] for v, a in self.hits.items()), key=lambda r: -r[1])
+        log_table(trainer, "per_layer_accuracy", ["voter", "accuracy"], rows, self.output_dir)
+        figure, axis = plt.subplots(figsize=(8, max(3, 0.12 * len(rows))))
+        axis.barh(range(len(rows)), [r[1] for r in rows][::-1])
+        axis.set(yticks=range(len(rows)), xlabel="1-NN accuracy of the voter alone", title="per-layer retrieval")
+        axis.set_yticklabels([r[0] for r in rows][::-1], fontsize=4)
+        log_figure(trainer, "per_layer_accuracy", figure, self.output_dir)
+        plt.close(figure)
+
+
+class SpectrumVsSize(pl.Callback):
+    """Mean singular values of ΔW (over layers and LoRAs) for each N: the paper's spectrum figure."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.seen: dict[str, tuple[int, np.ndarray]] = {}
+
+    def on_test_end(self, trainer: pl.Trainer, module: DSiReModule) -> None:
+        features = Features.concat([f for f, _ in module._test])
+        delta = [v for v in features.vectors if v.endswith("/delta")]
+        if not delta:
+            return
+        mean = np.mean([features.vectors[v] for v in delta], axis=0)  # [LoRAs, r]
+        self.seen |= {key: (int(n), row) for key, n, row in zip(features.keys, features.n, mean, strict=True)}
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for n in sorted({n for n, _ in self.seen.values()}):
+            values = np.mean([row for m, row in self.seen.values() if m == n], axis=0)
+            axis.plot(np.arange(1, len(values) + 1), values, marker="o", ms=3, label=f"N = {n}")
+        axis.set(xlabel="singular value index", ylabel="mean σ(ΔW)", yscale="log", title="spectrum vs dataset size")
+        axis.legend(fontsize=7)
+        log_figure(trainer, "spectrum_vs_n", figure, self.output_dir)
+        plt.close(figure)

@@ -1,0 +1,85 @@
+"""On-disk spectra cache, keyed by file content hash and feature settings.
+
+A second run reads no weights: the content hash of a file is remembered against its
+(path, size, mtime), so a cache hit costs a `stat` and one small safetensors read.
+Entries are written atomically; a torn or foreign entry is treated as a miss and rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dsire.atomic import atomic_path, atomic_write_text
+from dsire.data.sources import ZooEntry
+from dsire.spectra import Spectra
+
+CACHE_VERSION = 1
+_PARTS = ("delta", "down", "up")
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class SpectraCache:
+    """get/put the per-layer spectra of zoo entries under `root/<settings>/<hash>.safetensors`."""
+
+    def __init__(self, root: str | Path, settings: dict):
+        key = json.dumps({"version": CACHE_VERSION, **settings}, sort_keys=True)
+        self.dir = Path(root) / hashlib.sha256(key.encode()).hexdigest()[:12]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._hashes_file = Path(root) / "content_hashes.json"
+        self._hashes: dict[str, str] = self._read_hashes()
+
+    def _read_hashes(self) -> dict[str, str]:
+        try:
+            return json.loads(self._hashes_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def _content_key(self, entry: ZooEntry) -> str:
+        """Content hash of the entry's weights file (the directory's single file for PEFT dirs)."""
+        from dsire.lora.load import resolve_weights_file
+
+        path = resolve_weights_file(Path(entry.path))
+        stat = path.stat()
+        stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if stamp not in self._hashes:
+            self._hashes[stamp] = file_hash(path)
+        return self._hashes[stamp] + (f"-row{entry.row}" if entry.row is not None else "")
+
+    def _path(self, entry: ZooEntry) -> Path:
+        return self.dir / f"{self._content_key(entry)}.safetensors"
+
+    def get(self, entry: ZooEntry) -> dict[str, Spectra] | None:
+        path = self._path(entry)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError):
+            return None
+        layers = sorted({k.rsplit("/", 1)[0] for k in tensors}, key=lambda n: tensors[f"{n}/order"].item())
+        return {n: Spectra(*(tensors[f"{n}/{p}"] for p in _PARTS)) for n in layers}
+
+    def put(self, entry: ZooEntry, spectra: dict[str, Spectra]) -> None:
+        tensors = {}
+        for order, (name, s) in enumerate(spectra.items()):
+            tensors |= {f"{name}/{p}": getattr(s, p).contiguous() for p in _PARTS}
+            tensors[f"{name}/order"] = torch.tensor(order)
+        with atomic_path(self._path(entry)) as tmp:
+            save_file(tensors, str(tmp))
+
+    def flush(self) -> None:
+        """Persist the remembered content hashes (call once per run)."""
+        atomic_write_text(self._hashes_file, json.dumps(self._hashes))

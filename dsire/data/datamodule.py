@@ -1,0 +1,100 @@
+"""`LoRAZooDataModule`: streams a zoo's LoRAs (or their cached spectra) in batches, split by concept.
+
+Items are dicts: `key`, `n`, `concept`, and either `spectra` (a cache hit: no weights read),
+`lora` (raw tensors: the model computes spectra on its device and fills the cache), or `error`
+(a file that could not be read: reported and skipped, the rest still run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, Dataset
+
+from dsire.data.cache import SpectraCache
+from dsire.data.sources import ZooEntry, from_labels_dir, from_lorawise, from_manifest
+from dsire.data.splits import Split, make_splits
+from dsire.lora import LoRAError
+
+
+class ZooDataset(Dataset):
+    def __init__(self, entries: list[ZooEntry], cache: SpectraCache | None, allow_torch_load: bool = False):
+        self.entries, self.cache, self.allow_torch_load = entries, cache, allow_torch_load
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict:
+        entry = self.entries[i]
+        item = {"entry": entry, "key": entry.key, "n": entry.n, "concept": entry.concept}
+        try:
+            cached = self.cache.get(entry) if self.cache else None
+            if cached is not None:
+                return item | {"spectra": cached}
+            return item | {"lora": entry.load(self.allow_torch_load)}
+        except (LoRAError, OSError) as exc:
+            return item | {"error": str(exc)}
+
+
+def as_list(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+def load_entries(source: dict) -> list[ZooEntry]:
+    """Entries of a source config: {kind: manifest|labels_dir|lorawise, path, [subset, cache_dir, rank]}."""
+    kind = source["kind"]
+    if kind == "manifest":
+        return from_manifest(Path(source["path"]) / "manifest.csv" if Path(source["path"]).is_dir() else source["path"])
+    if kind == "labels_dir":
+        return from_labels_dir(source["path"], source.get("labels", "labels.csv"))
+    if kind == "lorawise":
+        return from_lorawise(source["path"], source.get("subset"), source["cache_dir"], source.get("rank"))
+    raise ValueError(f"unknown zoo source kind {kind!r} (manifest | labels_dir | lorawise)")
+
+
+class LoRAZooDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        source: dict,
+        split: dict,
+        sizes: list[int] | None = None,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        cache_settings: dict | None = None,
+        allow_torch_load: bool = False,
+    ):
+        super().__init__()
+        self.source, self.split_cfg, self.sizes = dict(source), dict(split), sizes
+        self.batch_size, self.num_workers, self.allow_torch_load = batch_size, num_workers, allow_torch_load
+        self.cache = SpectraCache(cache_dir, cache_settings or {}) if cache_dir else None
+        self.entries: list[ZooEntry] = []
+        self.splits: list[Split] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.entries:
+            return
+        entries = load_entries(self.source)
+        self.entries = [e for e in entries if self.sizes is None or e.n in self.sizes]
+        if not self.entries:
+            raise ValueError(f"no zoo entries with sizes {self.sizes} in {self.source}")
+        concepts = sorted({e.concept for e in self.entries})
+        self.splits = make_splits(concepts, **self.split_cfg)
+
+    def entries_of(self, concepts: tuple[str, ...] | None = None) -> list[ZooEntry]:
+        return [e for e in self.entries if concepts is None or e.concept in concepts]
+
+    def loader(self, entries: list[ZooEntry]) -> DataLoader:
+        return DataLoader(
+            ZooDataset(entries, self.cache, self.allow_torch_load),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=as_list,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.entries)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader(self.entries)

@@ -1,0 +1,102 @@
+"""Zoo sources: where the LoRAs of a zoo are and what their labels are.
+
+A zoo is a list of `ZooEntry`s (a LoRA, its dataset size `n` and its `concept`, the group that
+must never straddle a split). Three sources produce one:
+- a zoo generator output directory: `manifest.csv` with `path,n,concept,...` (see `dsire.zoo`);
+- any directory of LoRA files with a `labels.csv` of `file,n,concept`;
+- LoRA-WiSE parquet: local files, or the Hugging Face dataset `MoSalama98/LoRA-WiSE` by name.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from dsire.lora import LoRA, LoRAError, load_lora
+from dsire.lora.lorawise import CONCEPT_COLUMN, LABEL_COLUMN, subset_rank
+
+LORAWISE_HF_NAME = "MoSalama98/LoRA-WiSE"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One labelled LoRA: a file or directory, or one row of a parquet file."""
+
+    path: str
+    n: int
+    concept: str
+    row: int | None = None  # parquet row
+    rank: int | None = None  # for flat LoRA-WiSE columns
+
+    @property
+    def key(self) -> str:
+        return self.path if self.row is None else f"{self.path}#row={self.row}"
+
+    def load(self, allow_torch_load: bool = False) -> LoRA:
+        return load_lora(self.path, allow_torch_load=allow_torch_load, rank=self.rank, row=self.row or 0)
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = [c for c in required if rows and c not in rows[0]]
+    if not rows or missing:
+        raise LoRAError(path, f"expected a CSV with columns {', '.join(required)} (missing: {missing or 'all rows'})")
+    return rows
+
+
+def from_manifest(manifest: str | Path) -> list[ZooEntry]:
+    """Entries of a zoo generator's manifest; relative paths are relative to the manifest."""
+    manifest = Path(manifest)
+    rows = _read_csv(manifest, ("path", "n", "concept"))
+    return [ZooEntry(str(manifest.parent / r["path"]), int(r["n"]), r["concept"]) for r in rows]
+
+
+def from_labels_dir(directory: str | Path, labels: str = "labels.csv") -> list[ZooEntry]:
+    """Entries of a directory of LoRA files in any format, labelled by `labels.csv` (file,n,concept)."""
+    directory = Path(directory)
+    rows = _read_csv(directory / labels, ("file", "n", "concept"))
+    return [ZooEntry(str(directory / r["file"]), int(r["n"]), r["concept"]) for r in rows]
+
+
+def from_parquet_files(files: list[str | Path], rank: int | None = None) -> list[ZooEntry]:
+    """One entry per row of local LoRA-WiSE parquet files; reads only the label columns."""
+    entries = []
+    for file in sorted(map(Path, files)):
+        table = pq.read_table(file, columns=[LABEL_COLUMN, CONCEPT_COLUMN])
+        file_rank = rank if rank is not None else subset_rank(file)
+        for row, (n, concept) in enumerate(
+            zip(table[LABEL_COLUMN].to_pylist(), table[CONCEPT_COLUMN].to_pylist(), strict=True)
+        ):
+            entries.append(ZooEntry(str(file), int(n), str(concept), row=row, rank=file_rank))
+    return entries
+
+
+def lorawise_files(dataset: str | Path, subset: str | None, cache_dir: str | Path) -> list[Path]:
+    """Local parquet files of a LoRA-WiSE subset, through `datasets`' own resolution and download.
+
+    `dataset` is a Hugging Face dataset name (`MoSalama98/LoRA-WiSE`, downloaded once into
+    `cache_dir`) or a local parquet file or directory in the same schema.
+    """
+    from datasets import DownloadConfig, DownloadManager, load_dataset_builder  # heavy; only here
+
+    local = Path(dataset)
+    if local.exists():
+        files = sorted(map(str, local.rglob("*.parquet"))) if local.is_dir() else [str(local)]
+        builder = load_dataset_builder("parquet", data_files=files, cache_dir=str(cache_dir))
+    else:
+        builder = load_dataset_builder(str(dataset), subset, cache_dir=str(cache_dir))
+    data_files = list(builder.config.data_files["train"])
+    manager = DownloadManager(download_config=DownloadConfig(cache_dir=str(cache_dir)))
+    return [Path(f) for f in manager.download(data_files)]
+
+
+def from_lorawise(
+    dataset: str | Path, subset: str | None, cache_dir: str | Path, rank: int | None = None
+) -> list[ZooEntry]:
+    """Entries of a LoRA-WiSE subset; the rank comes from the subset name unless given."""
+    rank = rank if rank is not None else (subset_rank(subset) if subset else None)
+    return from_parquet_files(lorawise_files(dataset, subset, cache_dir), rank=rank)

@@ -1,0 +1,72 @@
+"""DSiRe checkpoints: one safetensors file, tensors plus a JSON header, no pickled objects.
+
+Everything prediction needs is in it: per-voter index vectors, training labels, normaliser
+bounds, voter (layer/part) names, feature and vote settings, and recipe metadata from the zoo.
+Loading goes through the same bounded safetensors reader as LoRA files, and every field is
+checked, so a tampered or truncated checkpoint is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from dsire.atomic import atomic_path
+from dsire.lora.files import read_safetensors
+from dsire.lora.model import LoRAError
+from dsire.models.knn import KNNVote
+from dsire.models.module import DSiReModule
+
+FORMAT = "dsire-checkpoint-v1"
+HEADER_KEY = "dsire_checkpoint"
+
+
+class CheckpointError(LoRAError):
+    """A DSiRe checkpoint that cannot be trusted or read; names the file and the problem."""
+
+
+def save_checkpoint(module: DSiReModule, path: str | Path) -> Path:
+    path = Path(path)
+    tensors, settings = module.knn.state()
+    header = {
+        "format": FORMAT,
+        "hparams": dict(module.hparams),
+        "knn": settings,
+        "metadata": module.metadata,
+    }
+    with atomic_path(path) as tmp:
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={HEADER_KEY: json.dumps(header, default=list)},
+        )
+    return path
+
+
+def load_checkpoint(path: str | Path, use_faiss_gpu: bool = True) -> DSiReModule:
+    path = Path(path)
+    try:
+        tensors, file_metadata = read_safetensors(path)
+    except LoRAError as exc:
+        raise CheckpointError(path, exc.problem) from exc
+    try:
+        header = json.loads(file_metadata[HEADER_KEY])
+        if header["format"] != FORMAT:
+            raise ValueError(f"format {header['format']!r}, expected {FORMAT}")
+        voters = header["knn"]["voters"]
+        n_train = tensors["labels"].shape[0]
+        for i in range(len(voters)):
+            vectors = tensors[f"voter.{i}"]
+            if vectors.dim() != 2 or vectors.shape[0] != n_train or not vectors.isfinite().all():
+                raise ValueError(f"voter {i} vectors have shape {tuple(vectors.shape)} for {n_train} labels")
+        if tensors["low"].shape != (len(voters),) or tensors["high"].shape != (len(voters),):
+            raise ValueError("normaliser bounds do not match the voters")
+        hparams = dict(header["hparams"], use_faiss_gpu=use_faiss_gpu)
+        module = DSiReModule(**hparams)
+        module.knn = KNNVote.from_state(tensors, header["knn"], use_gpu=use_faiss_gpu)
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"not a valid DSiRe checkpoint ({type(exc).__name__}: {exc})") from exc
+    module.metadata = dict(header.get("metadata", {}))
+    return module

@@ -1,0 +1,134 @@
+"""Per-voter nearest-neighbour retrieval and the vote: the heart of DSiRe.
+
+A *voter* is one (layer, part) feature: e.g. the singular values of ΔW of one layer. Each voter has
+its own FAISS index over the training LoRAs; a new LoRA gets one vote per voter (its nearest
+neighbour's N, or k weighted votes) and the majority wins.
+
+Tie rule (deterministic): among tied N, the one whose supporting votes have the smallest summed
+distance wins; if still tied, the smallest N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+
+WEIGHTINGS = ("uniform", "distance")
+NORMALISATIONS = ("global", "voter")
+
+
+@dataclass
+class Prediction:
+    n: np.ndarray  # [Q] predicted N
+    share: np.ndarray  # [Q] fraction of the vote weight the winner got
+    distance: np.ndarray  # [Q] mean distance to the nearest neighbour over voters
+    voter_labels: np.ndarray  # [Q, V] each voter's 1-NN label
+
+
+def _index(vectors: np.ndarray, use_gpu: bool) -> faiss.Index:
+    index = faiss.IndexFlatL2(vectors.shape[1])
+    if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+class KNNVote:
+    """Fit: normalise (min-max, global or per voter) and index; predict: k-NN votes per voter, majority."""
+
+    def __init__(self, k: int = 1, weighting: str = "uniform", normalisation: str = "global", use_gpu: bool = False):
+        if weighting not in WEIGHTINGS or normalisation not in NORMALISATIONS or k < 1:
+            raise ValueError(f"k >= 1, weighting in {WEIGHTINGS}, normalisation in {NORMALISATIONS}")
+        self.k, self.weighting, self.normalisation, self.use_gpu = k, weighting, normalisation, use_gpu
+        self.voters: list[str] = []
+        self.vectors: list[np.ndarray] = []
+        self.labels = np.zeros(0, dtype=np.int64)
+        self.low = np.zeros(0, dtype=np.float32)
+        self.high = np.zeros(0, dtype=np.float32)
+        self._indices: list[faiss.Index] = []
+
+    def fit(self, features: dict[str, np.ndarray], labels: np.ndarray) -> KNNVote:
+        self.voters = list(features)
+        raw = [np.asarray(features[v], dtype=np.float32) for v in self.voters]
+        if self.normalisation == "global":
+            low, high = min(float(x.min()) for x in raw), max(float(x.max()) for x in raw)
+            self.low, self.high = np.full(len(raw), low, np.float32), np.full(len(raw), high, np.float32)
+        else:
+            self.low = np.array([x.min() for x in raw], np.float32)
+            self.high = np.array([x.max() for x in raw], np.float32)
+        self.vectors = [self._normalise(i, x) for i, x in enumerate(raw)]
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self._build()
+        return self
+
+    def _normalise(self, voter: int, x: np.ndarray) -> np.ndarray:
+        span = self.high[voter] - self.low[voter]
+        return (x - self.low[voter]) / (span if span > 0 else 1.0)
+
+    def _build(self) -> None:
+        self._indices = [_index(v, self.use_gpu) for v in self.vectors]
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.unique(self.labels)
+
+    def predict(self, features: dict[str, np.ndarray]) -> Prediction:
+        missing = [v for v in self.voters if v not in features]
+        if missing:
+            raise KeyError(f"features lack {len(missing)} voters, e.g. {missing[0]}")
+        k = min(self.k, len(self.labels))
+        sizes = self.sizes
+        queries = len(next(iter(features.values())))
+        weight = np.zeros((queries, len(sizes)))
+        tie_distance = np.zeros((queries, len(sizes)))
+        nearest_labels, nearest_distance = [], []
+        for i, voter in enumerate(self.voters):
+            query = self._normalise(i, np.asarray(features[voter], dtype=np.float32))
+            distances, ids = self._indices[i].search(np.ascontiguousarray(query), k)
+            distances = np.sqrt(np.maximum(distances, 0))
+            labels = self.labels[ids]
+            votes = np.ones_like(distances) if self.weighting == "uniform" else 1.0 / (distances + 1e-12)
+            slots = np.searchsorted(sizes, labels)
+            for j in range(k):
+                np.add.at(weight, (np.arange(queries), slots[:, j]), votes[:, j])
+                np.add.at(tie_distance, (np.arange(queries), slots[:, j]), distances[:, j])
+            nearest_labels.append(labels[:, 0])
+            nearest_distance.append(distances[:, 0])
+        # winner: most weight, then smallest summed distance, then smallest N (lexsort: last key first)
+        winners = [np.lexsort((sizes, tie_distance[q], -weight[q]))[0] for q in range(queries)]
+        winners = np.array(winners, dtype=np.int64)
+        return Prediction(
+            n=sizes[winners],
+            share=weight[np.arange(queries), winners] / weight.sum(axis=1),
+            distance=np.mean(nearest_distance, axis=0),
+            voter_labels=np.stack(nearest_labels, axis=1),
+        )
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors and plain settings that rebuild this model exactly (no pickled objects)."""
+        tensors = {f"voter.{i}": torch.from_numpy(v) for i, v in enumerate(self.vectors)}
+        tensors |= {
+            "labels": torch.from_numpy(self.labels),
+            "low": torch.from_numpy(self.low),
+            "high": torch.from_numpy(self.high),
+        }
+        settings = {
+            "k": self.k,
+            "weighting": self.weighting,
+            "normalisation": self.normalisation,
+            "voters": self.voters,
+        }
+        return tensors, settings
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], settings: dict, use_gpu: bool = False) -> KNNVote:
+        model = cls(settings["k"], settings["weighting"], settings["normalisation"], use_gpu)
+        model.voters = list(settings["voters"])
+        model.vectors = [tensors[f"voter.{i}"].numpy() for i in range(len(model.voters))]
+        model.labels = tensors["labels"].numpy()
+        model.low, model.high = tensors["low"].numpy(), tensors["high"].numpy()
+        model._build()
+        return model

@@ -1,0 +1,173 @@
+"""`DSiReModule`: dataset-size recovery as a LightningModule (no gradient training).
+
+Lightning runs the featurisation: `predict_step` turns a batch of zoo items into per-voter
+feature vectors, computing spectra on the module's device (GPU when present) for items the
+cache did not have. Fitting is `fit(features)`: normalisation + one FAISS index per voter.
+`test_step` predicts and accumulates metrics (torchmetrics) for `results()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torchmetrics import MeanAbsoluteError, MeanAbsolutePercentageError
+
+from dsire.data.cache import SpectraCache
+from dsire.models.features import FeatureSpec, stack
+from dsire.models.knn import KNNVote, Prediction
+from dsire.spectra import batch_spectra
+
+
+@dataclass
+class Features:
+    """Feature vectors of a set of LoRAs, with their labels and the items that failed."""
+
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    n: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    keys: list[str] = field(default_factory=list)
+    concepts: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def select(self, keep: np.ndarray) -> Features:
+        """The subset of LoRAs where `keep` is True."""
+        return Features(
+            vectors={v: x[keep] for v, x in self.vectors.items()},
+            n=self.n[keep],
+            keys=[k for k, m in zip(self.keys, keep, strict=True) if m],
+            concepts=[c for c, m in zip(self.concepts, keep, strict=True) if m],
+        )
+
+    @classmethod
+    def concat(cls, parts: list[Features]) -> Features:
+        parts = [p for p in parts if p.keys] or parts[:1]
+        errors = {k: v for p in parts for k, v in p.errors.items()}
+        if not parts or not parts[0].keys:
+            return cls(errors=errors)
+        return cls(
+            vectors={v: np.concatenate([p.vectors[v] for p in parts]) for v in parts[0].vectors},
+            n=np.concatenate([p.n for p in parts]),
+            keys=[k for p in parts for k in p.keys],
+            concepts=[c for p in parts for c in p.concepts],
+            errors=errors,
+        )
+
+
+class DSiReModule(pl.LightningModule):
+    _test: list[tuple[Features, Prediction | None]]
+
+    def __init__(
+        self,
+        parts: tuple[str, ...] = ("delta", "down", "up"),
+        num_sv: int | None = None,
+        k: int = 1,
+        weighting: str = "uniform",
+        normalisation: str = "global",
+        spectra_dtype: str = "float32",
+        use_faiss_gpu: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = FeatureSpec(tuple(parts), num_sv)
+        self.knn = KNNVote(k, weighting, normalisation, use_gpu=use_faiss_gpu)
+        self.spectra_dtype = getattr(torch, spectra_dtype)
+        self.cache: SpectraCache | None = None  # set by the runner to fill the cache on misses
+        self.metadata: dict[str, str] = {}  # recipe facts saved with the checkpoint
+        self._test = []
+
+    # --- featurisation -------------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch: list[dict], device: torch.device, dataloader_idx: int) -> list[dict]:
+        """Items stay on the CPU as they are; `featurize` moves stacked factors to the device."""
+        return batch
+
+    def featurize(self, batch: list[dict]) -> Features:
+        errors = {item["key"]: item["error"] for item in batch if "error" in item}
+        good = [item for item in batch if "error" not in item]
+        todo = [item for item in good if "spectra" not in item]
+        for item, spectra in zip(
+            todo, batch_spectra([i["lora"] for i in todo], self.device, self.spectra_dtype), strict=True
+        ):
+            item["spectra"] = spectra
+            if self.cache is not None:
+                self.cache.put(item["entry"], spectra)
+        rows = [self.spec.vectors(item["spectra"]) for item in good]
+        voters = set(self.knn.voters) or (set(rows[0]) if rows else set())  # a fitted model's, else the batch's
+        for item, row in zip(list(good), list(rows), strict=True):
+            if set(row) != voters:
+                errors[item["key"]] = _layer_mismatch(set(row), voters)
+                good.remove(item)
+                rows.remove(row)
+        if not good:
+            return Features(errors=errors)
+        return Features(
+            vectors=stack(rows),
+            n=np.array([item["n"] for item in good], np.int64),
+            keys=[item["key"] for item in good],
+            concepts=[item["concept"] for item in good],
+            errors=errors,
+        )
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> Features:
+        return self.featurize(batch)
+
+    # --- fitting and prediction ---------------------------------------------------------------
+    def fit(self, features: Features) -> DSiReModule:
+        if not features.keys:
+            raise ValueError("no readable LoRAs to fit on")
+        self.knn.fit(features.vectors, features.n)
+        return self
+
+    def check_voters(self, features: Features) -> None:
+        """A clear error when the LoRAs' layers are not the ones the model was fitted on."""
+        if features.keys and set(features.vectors) != set(self.knn.voters):
+            raise ValueError(_layer_mismatch(set(features.vectors), set(self.knn.voters)))
+
+    def predict_features(self, features: Features) -> Prediction:
+        self.check_voters(features)
+        return self.knn.predict(features.vectors)
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self._test = []
+
+    def test_step(self, batch: list[dict], batch_idx: int) -> None:
+        features = self.featurize(batch)
+        self._test.append((features, self.predict_features(features) if features.keys else None))
+
+    def results(self) -> dict:
+        """Metrics over the last test run: accuracy, MAE, MAPE, per-size accuracy, confusion, per-voter."""
+        done = [(f, p) for f, p in self._test if p is not None]
+        errors = {k: v for f, _ in self._test for k, v in f.errors.items()}
+        if not done:
+            return {"errors": errors}
+        features = Features.concat([f for f, _ in done])
+        predicted = np.concatenate([p.n for _, p in done])
+        voter_labels = np.concatenate([p.voter_labels for _, p in done])
+        truth = features.n
+        y, yhat = torch.from_numpy(truth).double(), torch.from_numpy(predicted).double()
+        sizes = sorted(set(self.knn.sizes.tolist()) | set(truth.tolist()))
+        confusion = np.zeros((len(sizes), len(sizes)), np.int64)
+        np.add.at(confusion, (np.searchsorted(sizes, truth), np.searchsorted(sizes, predicted)), 1)
+        return {
+            "accuracy": float(np.mean(predicted == truth)),
+            "mae": float(MeanAbsoluteError()(yhat, y)),
+            "mape": float(MeanAbsolutePercentageError()(yhat, y)),
+            "per_size_accuracy": {int(s): float(np.mean(predicted[truth == s] == s)) for s in np.unique(truth)},
+            "confusion": {"sizes": sizes, "counts": confusion.tolist()},
+            "per_voter_accuracy": dict(
+                zip(self.knn.voters, np.mean(voter_labels == truth[:, None], axis=0).tolist(), strict=True)
+            ),
+            "predictions": list(zip(features.keys, truth.tolist(), predicted.tolist(), strict=True)),
+            "errors": errors,
+        }
+
+
+def _layer_mismatch(got: set[str], expected: set[str]) -> str:
+    missing, extra = sorted(expected - got), sorted(got - expected)
+
+    def show(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+    return f"layers do not match the model: missing {show(missing) or 'none'}; extra {show(extra) or 'none'}"

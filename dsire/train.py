@@ -1,0 +1,108 @@
+"""`train.py`'s job: featurise a zoo, evaluate DSiRe over concept-grouped splits, save a model.
+
+1. Featurise every LoRA once (`trainer.predict`: spectra on the module's device, cached on disk).
+2. For each split: fit on the training concepts, `trainer.test` on the held-out ones; callbacks
+   log figures, the metrics of each split go to every logger.
+3. Log mean ± std over splits, write `metrics.json`, fit on all concepts, save the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from dsire.atomic import atomic_write_text
+from dsire.data.datamodule import LoRAZooDataModule
+from dsire.loggers import log_metrics, prepare_wandb
+from dsire.models.checkpoint import save_checkpoint
+from dsire.models.module import DSiReModule, Features
+
+SCALARS = ("accuracy", "mae", "mape")
+
+
+def build(cfg: DictConfig) -> tuple[LoRAZooDataModule, pl.Trainer]:
+    prepare_wandb(cfg.paths.output_dir)
+    datamodule: LoRAZooDataModule = hydra.utils.instantiate(cfg.data)
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    return datamodule, trainer
+
+
+def new_model(cfg: DictConfig, datamodule: LoRAZooDataModule) -> DSiReModule:
+    model: DSiReModule = hydra.utils.instantiate(cfg.model)
+    model.cache = datamodule.cache
+    return model
+
+
+def featurize(model: DSiReModule, trainer: pl.Trainer, loader) -> Features:
+    features = Features.concat(trainer.predict(model, loader) or [])
+    if model.cache is not None:
+        model.cache.flush()
+    return features
+
+
+def summarize(per_split: list[dict]) -> dict[str, float]:
+    summary = {}
+    for name in SCALARS:
+        values = np.array([r[name] for r in per_split])
+        summary[f"{name}_mean"], summary[f"{name}_std"] = float(values.mean()), float(values.std())
+    return summary
+
+
+def train(cfg: DictConfig) -> dict:
+    pl.seed_everything(cfg.seed, workers=True)
+    console = Console()
+    datamodule, trainer = build(cfg)
+    datamodule.setup("fit")
+    model = new_model(cfg, datamodule)
+    features = featurize(model, trainer, datamodule.train_dataloader())
+    for key, problem in features.errors.items():
+        console.print(f"[red]skipped[/red] {key}: {problem}")
+    per_split = []
+    for i, split in enumerate(datamodule.splits):
+        model = new_model(cfg, datamodule)
+        model.fit(features.select(np.isin(features.concepts, split.train)))
+        trainer.test(model, datamodule.loader(datamodule.entries_of(split.test)), verbose=False)
+        results = model.results()
+        per_split.append(results)
+        log_metrics(trainer, {f"split/{k}": results[k] for k in SCALARS}, step=i)
+    summary = summarize(per_split)
+    log_metrics(trainer, summary, step=len(per_split))
+    _print(summary, per_split, cfg, console)
+
+    model = new_model(cfg, datamodule).fit(features)
+    model.metadata = {
+        "source": json.dumps(OmegaConf.to_container(cfg.data.source, resolve=True)),
+        "sizes": json.dumps(sorted(set(features.n.tolist()))),
+        "loras": str(len(features.keys)),
+    }
+    out = Path(cfg.paths.output_dir)
+    checkpoint = save_checkpoint(model, out / "dsire.safetensors")
+    report = {"summary": summary, "splits": per_split, "checkpoint": str(checkpoint), "skipped": features.errors}
+    atomic_write_text(out / "metrics.json", json.dumps(report, indent=1))
+    console.print(f"model: {checkpoint}\nmetrics: {out / 'metrics.json'}")
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    return report
+
+
+def _print(summary: dict, per_split: list[dict], cfg: DictConfig, console: Console) -> None:
+    table = Table(title=f"DSiRe, {len(per_split)} concept-grouped splits ({cfg.data.split.protocol})")
+    for column in ("metric", "mean", "std"):
+        table.add_column(column)
+    for name in SCALARS:
+        table.add_row(name, f"{summary[f'{name}_mean']:.3f}", f"{summary[f'{name}_std']:.3f}")
+    console.print(table)
+    sizes = sorted({s for r in per_split for s in r["per_size_accuracy"]})
+    per_size = {
+        s: np.mean([r["per_size_accuracy"][s] for r in per_split if s in r["per_size_accuracy"]]) for s in sizes
+    }
+    console.print("accuracy per N: " + ", ".join(f"{s}: {a:.2f}" for s, a in per_size.items()))
