@@ -33,7 +33,9 @@ class ZooDataset(Dataset):
             if cached is not None:
                 return item | {"spectra": cached}
             return item | {"lora": entry.load(self.allow_torch_load)}
-        except (LoRAError, OSError) as exc:
+        except LoRAError as exc:
+            return item | {"error": exc.problem}
+        except OSError as exc:
             return item | {"error": str(exc)}
 
 

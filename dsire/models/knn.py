@@ -71,6 +71,10 @@ class KNNVote:
     def _build(self) -> None:
         self._indices = [_index(v, self.use_gpu) for v in self.vectors]
 
+    def dims(self) -> dict[str, int]:
+        """{voter: feature size} of a fitted model; empty before `fit`."""
+        return {v: x.shape[1] for v, x in zip(self.voters, self.vectors, strict=True)}
+
     @property
     def sizes(self) -> np.ndarray:
         return np.unique(self.labels)

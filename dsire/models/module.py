@@ -93,10 +93,12 @@ class DSiReModule(pl.LightningModule):
             if self.cache is not None:
                 self.cache.put(item["entry"], spectra)
         rows = [self.spec.vectors(item["spectra"]) for item in good]
-        voters = set(self.knn.voters) or (set(rows[0]) if rows else set())  # a fitted model's, else the batch's
+        # a fitted model's voters and sizes, else the first LoRA's: every LoRA must match them
+        expected = self.knn.dims() or ({v: len(x) for v, x in rows[0].items()} if rows else {})
         for item, row in zip(list(good), list(rows), strict=True):
-            if set(row) != voters:
-                errors[item["key"]] = _layer_mismatch(set(row), voters)
+            problem = _mismatch({v: len(x) for v, x in row.items()}, expected)
+            if problem:
+                errors[item["key"]] = problem
                 good.remove(item)
                 rows.remove(row)
         if not good:
@@ -121,8 +123,9 @@ class DSiReModule(pl.LightningModule):
 
     def check_voters(self, features: Features) -> None:
         """A clear error when the LoRAs' layers are not the ones the model was fitted on."""
-        if features.keys and set(features.vectors) != set(self.knn.voters):
-            raise ValueError(_layer_mismatch(set(features.vectors), set(self.knn.voters)))
+        problem = _mismatch({v: x.shape[1] for v, x in features.vectors.items()}, self.knn.dims())
+        if features.keys and problem:
+            raise ValueError(problem)
 
     def predict_features(self, features: Features) -> Prediction:
         self.check_voters(features)
@@ -164,10 +167,17 @@ class DSiReModule(pl.LightningModule):
         }
 
 
-def _layer_mismatch(got: set[str], expected: set[str]) -> str:
-    missing, extra = sorted(expected - got), sorted(got - expected)
+def _mismatch(got: dict[str, int], expected: dict[str, int]) -> str | None:
+    """Why a LoRA's voters (names and feature sizes) differ from the expected ones, or None."""
 
     def show(names: list[str]) -> str:
-        return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+        return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "") if names else "none"
 
-    return f"layers do not match the model: missing {show(missing) or 'none'}; extra {show(extra) or 'none'}"
+    missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    if missing or extra:
+        return f"layers do not match the model: missing {show(missing)}; extra {show(extra)}"
+    resized = sorted(v for v in got if got[v] != expected[v])
+    if resized:
+        v = resized[0]
+        return f"feature sizes do not match the model (another rank?): {v} has {got[v]}, expected {expected[v]}"
+    return None

@@ -1,0 +1,115 @@
+"""`predict.py`'s job: how many images was each LoRA trained on, according to a fitted model.
+
+Prints one row per LoRA (table, JSON or CSV): predicted N, the share of the vote it won, the mean
+distance to the nearest zoo LoRA over voters, and the layers whose own vote disagreed. Files that
+cannot be read, or whose layers do not match the model's, are reported and skipped; the exit code
+is then non-zero.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader
+
+from dsire.data.datamodule import ZooDataset, as_list
+from dsire.data.sources import ZooEntry
+from dsire.lora.files import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
+from dsire.lora.load import PEFT_CONFIG
+from dsire.models.checkpoint import load_checkpoint
+from dsire.models.module import Features
+
+COLUMNS = ("file", "predicted_n", "vote_share", "nearest_distance", "disagreeing_layers")
+
+
+def collect_inputs(path: str | Path, allow_torch_load: bool) -> list[ZooEntry]:
+    """One entry per LoRA: the file itself, a PEFT directory, or each LoRA inside a directory."""
+    path = Path(path)
+    if not path.is_dir() or (path / PEFT_CONFIG).is_file():
+        return [ZooEntry(str(path), n=-1, concept="")]
+    suffixes = SAFETENSORS_SUFFIXES + (TORCH_SUFFIXES if allow_torch_load else ())
+    found = [
+        p
+        for p in sorted(path.iterdir())
+        if (p.is_file() and p.suffix.lower() in suffixes) or (p.is_dir() and (p / PEFT_CONFIG).is_file())
+    ]
+    return [ZooEntry(str(p), n=-1, concept="") for p in found]
+
+
+def _disagreeing(voter_labels, voters: list[str], predicted: int) -> str:
+    layers = Counter(v.rsplit("/", 1)[0] for v, label in zip(voters, voter_labels, strict=True) if label != predicted)
+    return "; ".join(f"{layer} ({count})" for layer, count in layers.most_common())
+
+
+def predict(cfg: DictConfig) -> tuple[list[dict], dict[str, str]]:
+    module = load_checkpoint(cfg.ckpt)
+    entries = collect_inputs(cfg.lora, cfg.allow_torch_load)
+    if not entries:
+        return [], {str(cfg.lora): "no LoRA files found"}
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
+    loader = DataLoader(ZooDataset(entries, None, cfg.allow_torch_load), batch_size=cfg.batch_size, collate_fn=as_list)
+    features = Features.concat(trainer.predict(module, loader) or [])
+    rows = []
+    if features.keys:
+        prediction = module.predict_features(features)
+        for i, key in enumerate(features.keys):
+            n = int(prediction.n[i])
+            rows.append(
+                {
+                    "file": key,
+                    "predicted_n": n,
+                    "vote_share": round(float(prediction.share[i]), 4),
+                    "nearest_distance": round(float(prediction.distance[i]), 6),
+                    "disagreeing_layers": _disagreeing(prediction.voter_labels[i], module.knn.voters, n),
+                }
+            )
+    return rows, features.errors
+
+
+def render(rows: list[dict], errors: dict[str, str], output: str) -> str | None:
+    """JSON or CSV text; None for the table, which is printed directly."""
+    if output == "json":
+        return json.dumps({"predictions": rows, "errors": errors}, indent=1)
+    if output == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+    table = Table(title="How many images was each LoRA trained on?")
+    table.add_column("file", overflow="fold")
+    for column in ("predicted N", "vote share", "nearest distance"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("disagreeing layers (voters)", overflow="fold")
+    for row in rows:
+        table.add_row(
+            row["file"],
+            str(row["predicted_n"]),
+            f"{row['vote_share']:.2f}",
+            f"{row['nearest_distance']:.4g}",
+            row["disagreeing_layers"] or "none",
+        )
+    Console().print(table)
+    return None
+
+
+def run(cfg: DictConfig) -> int:
+    rows, errors = predict(cfg)
+    text = render(rows, errors, cfg.output)
+    if text is not None:
+        if cfg.output_file:
+            Path(cfg.output_file).write_text(text)
+        else:
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    for key, problem in errors.items():
+        print(f"error: {key}: {problem}", file=sys.stderr)
+    return 1 if errors else 0

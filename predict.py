@@ -1,0 +1,17 @@
+"""How many images was this LoRA trained on? `python predict.py ckpt=PATH lora=FILE_OR_DIR`."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from dsire.predict import run
+
+
+@hydra.main(config_path="configs", config_name="predict", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    sys.exit(run(cfg))
+
+
+if __name__ == "__main__":
+    main()
