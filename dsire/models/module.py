@@ -95,12 +95,14 @@ class DSiReModule(pl.LightningModule):
         rows = [self.spec.vectors(item["spectra"]) for item in good]
         # a fitted model's voters and sizes, else the first LoRA's: every LoRA must match them
         expected = self.knn.dims() or ({v: len(x) for v, x in rows[0].items()} if rows else {})
-        for item, row in zip(list(good), list(rows), strict=True):
+        matching = []
+        for item, row in zip(good, rows, strict=True):
             problem = _mismatch({v: len(x) for v, x in row.items()}, expected)
             if problem:
                 errors[item["key"]] = problem
-                good.remove(item)
-                rows.remove(row)
+            else:
+                matching.append((item, row))
+        good, rows = [item for item, _ in matching], [row for _, row in matching]
         if not good:
             return Features(errors=errors)
         return Features(

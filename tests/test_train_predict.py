@@ -1,0 +1,129 @@
+"""`train.py` and `predict.py` end to end, run as users run them, on the bundled zoo and on parquet."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_finetune, tiny_unet, write_lorawise
+from peft import LoraConfig
+
+from dsire.lora import load_lora
+from dsire.lora.save import save_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO = ROOT / "data" / "zoo"
+
+
+def run(script: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | (env or {})
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """`python train.py` with its defaults (bundled zoo, W&B logger), into a temporary run dir."""
+    out = tmp_path_factory.mktemp("train")
+    result = run(
+        "train.py", f"hydra.run.dir={out}", f"paths.cache_dir={out / 'cache'}", env={"HOME": str(out / "home")}
+    )  # no W&B login anywhere: must run offline, no prompt
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accuracy" in result.stdout
+    return out
+
+
+def test_train_reports_metrics_and_figures(trained: Path):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert len(metrics["splits"]) == 5 and not metrics["skipped"]
+    assert 0.0 <= metrics["summary"]["accuracy_mean"] <= 1.0
+    expected = {"confusion_matrix.png", "per_layer_accuracy.png", "spectrum_vs_n.png"}
+    assert expected <= {p.name for p in (trained / "figures").iterdir()}
+    assert (trained / "dsire.safetensors").is_file()
+
+
+def test_wandb_offline_run_has_the_metrics(trained: Path):
+    runs = list((trained / "wandb").rglob("offline-run-*"))
+    assert runs, "no offline W&B run"
+    summary = json.loads(next(runs[0].rglob("wandb-summary.json")).read_text())
+    assert "accuracy_mean" in summary and "split/accuracy" in summary
+    assert list(runs[0].rglob("*.png")), "figures were not logged to W&B"
+
+
+def test_second_run_reads_no_weights(trained: Path, tmp_path):
+    """Every spectrum is cached: a run whose zoo files are unreadable still gets the same metrics."""
+    cache = trained / "cache"
+    entries = sorted(cache.rglob("*.safetensors"))
+    assert len(entries) == len(list(ZOO.glob("*.safetensors")))
+    first = json.loads((trained / "metrics.json").read_text())["summary"]
+    result = run("train.py", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={cache}", "logger=csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "metrics.json").read_text())["summary"] == first
+
+
+def test_predict_same_answer_for_peft_and_kohya(trained: Path, tmp_path):
+    kohya = sorted(ZOO.glob("*.safetensors"))[7]
+    lora = load_lora(kohya)
+    state = {}
+    for name, layer in lora.layers.items():
+        state[f"{name.removeprefix('unet.')}.lora_A.weight"] = layer.down
+        state[f"{name.removeprefix('unet.')}.lora_B.weight"] = layer.up
+    rank = next(iter(lora.layers.values())).rank
+    alpha = next(iter(lora.layers.values())).alpha
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]).to_dict()
+    peft_dir = save_lora(state, tmp_path / "peft_adapter", "peft", config).parent
+    answers = []
+    for path in (kohya, peft_dir):
+        result = run("predict.py", f"ckpt={trained / 'dsire.safetensors'}", f"lora={path}", "output=json")
+        assert result.returncode == 0, result.stderr[-2000:]
+        answers.append(json.loads(result.stdout)["predictions"][0])
+    assert answers[0]["predicted_n"] == answers[1]["predicted_n"]
+    assert answers[0]["vote_share"] == answers[1]["vote_share"]
+
+
+def test_predict_directory_with_a_bad_file(trained: Path, tmp_path):
+    for source in sorted(ZOO.glob("*.safetensors"))[:3]:
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 3)
+    result = run("predict.py", f"ckpt={trained / 'dsire.safetensors'}", f"lora={tmp_path}", "output=csv")
+    assert result.returncode == 1
+    assert len(result.stdout.strip().splitlines()) == 4  # header + the three good files
+    assert "broken.safetensors: truncated" in result.stderr
+
+
+def test_lorawise_parquet_trains(tmp_path):
+    """A parquet in the LoRA-WiSE schema goes through `datasets` and trains end to end."""
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"])
+    rows = [
+        (make_finetune(tiny_unet(), config, "unet", seed=10 * c + n), n, f"concept{c}")
+        for c in range(4)
+        for n in (1, 3, 6)
+    ]
+    parquet = write_lorawise(rows, tmp_path / "low_4.parquet")
+    out = tmp_path / "run"
+    result = run(
+        "train.py",
+        "data=lorawise",
+        f"data.source.path={parquet}",
+        "data.source.subset=null",
+        "data.source.rank=4",
+        "data.split.protocol=kfold",
+        "data.split.folds=2",
+        "logger=csv",
+        f"hydra.run.dir={out}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["splits"]) == 2
+    assert sum(len(s["predictions"]) for s in metrics["splits"]) == 12
