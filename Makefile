@@ -5,9 +5,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
-SAMPLE ?= data/samples/tiny_unet_kohya.safetensors
-
-.PHONY: train test lint bench sample
+.PHONY: train test bench
 
 $(BIN)/dsire: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +14,9 @@ $(BIN)/dsire: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-# The main job on bundled data (until train.py lands: inspect a bundled LoRA).
+# The main job: fit and evaluate DSiRe on the bundled zoo (W&B offline unless you are logged in).
 train: $(BIN)/dsire
-	$(BIN)/dsire inspect $(SAMPLE)
+	$(BIN)/python train.py
 
 test: $(BIN)/dsire
 	$(BIN)/ruff check .
@@ -27,3 +25,4 @@ test: $(BIN)/dsire
 
 bench: $(BIN)/dsire
 	$(BIN)/python -m benchmarks.spectra
+	$(BIN)/python -m benchmarks.zoo
