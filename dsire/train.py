@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule, trainer = build(cfg)
     datamodule.setup("fit")
     model = new_model(cfg, datamodule)
-    features = featurize(model, trainer, datamodule.train_dataloader())
+    features = featurize(model, trainer, datamodule.predict_dataloader())
     for key, problem in features.errors.items():
         console.print(f"[red]skipped[/red] {key}: {problem}")
     per_split = []

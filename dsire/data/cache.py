@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from dsire.atomic import atomic_path, atomic_write_text
 from dsire.data.sources import ZooEntry
+from dsire.lora.load import resolve_weights_file
 from dsire.spectra import Spectra
 
 CACHE_VERSION = 1
@@ -49,8 +50,6 @@ class SpectraCache:
 
     def _content_key(self, entry: ZooEntry) -> str:
         """Content hash of the entry's weights file (the directory's single file for PEFT dirs)."""
-        from dsire.lora.load import resolve_weights_file
-
         path = resolve_weights_file(Path(entry.path))
         stat = path.stat()
         stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"

@@ -95,8 +95,6 @@ class LoRAZooDataModule(pl.LightningDataModule):
             collate_fn=as_list,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self.loader(self.entries)
-
-    def test_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader:
+        """Every entry: `trainer.predict` featurises the whole zoo once, splits reuse the features."""
         return self.loader(self.entries)

@@ -42,9 +42,9 @@ class Features:
 
     @classmethod
     def concat(cls, parts: list[Features]) -> Features:
-        parts = [p for p in parts if p.keys] or parts[:1]
         errors = {k: v for p in parts for k, v in p.errors.items()}
-        if not parts or not parts[0].keys:
+        parts = [p for p in parts if p.keys]
+        if not parts:
             return cls(errors=errors)
         return cls(
             vectors={v: np.concatenate([p.vectors[v] for p in parts]) for v in parts[0].vectors},
