@@ -80,3 +80,11 @@ def log_table(trainer: pl.Trainer, key: str, columns: list[str], rows: list[list
         elif isinstance(logger, CSVLogger):
             (Path(logger.log_dir) / path.name).write_text(buffer.getvalue())
     return path
+
+
+def finish_loggers(trainer: pl.Trainer) -> None:
+    """Flush every logger; W&B runs are finished so their summary is written (also offline)."""
+    for logger in trainer.loggers:
+        logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()

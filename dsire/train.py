@@ -20,7 +20,7 @@ from rich.table import Table
 
 from dsire.atomic import atomic_write_text
 from dsire.data.datamodule import LoRAZooDataModule
-from dsire.loggers import log_metrics, prepare_wandb
+from dsire.loggers import finish_loggers, log_metrics, prepare_wandb
 from dsire.models.checkpoint import save_checkpoint
 from dsire.models.module import DSiReModule, Features
 
@@ -89,8 +89,7 @@ def train(cfg: DictConfig) -> dict:
     report = {"summary": summary, "splits": per_split, "checkpoint": str(checkpoint), "skipped": features.errors}
     atomic_write_text(out / "metrics.json", json.dumps(report, indent=1))
     console.print(f"model: {checkpoint}\nmetrics: {out / 'metrics.json'}")
-    for logger in trainer.loggers:
-        logger.finalize("success")
+    finish_loggers(trainer)
     return report
 
 
