@@ -32,16 +32,6 @@ class BaseModel:
     fingerprint: str
     vae: AutoencoderKL | None = None  # None: the UNet works on pixels (tiny)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return images
-        with torch.no_grad():
-            return self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
-
-    def encode_prompt(self, token_ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.text_encoder(token_ids)[0]
-
 
 def tiny_modules(cfg: DictConfig) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """Fresh tiny modules from the recipe's architecture config (seeded, so the init is reproducible)."""
@@ -75,7 +65,7 @@ def load_tiny(cfg: DictConfig, path: Path) -> BaseModel:
     text.load_state_dict(
         {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}
     )
-    return BaseModel(unet, text.eval(), DDPMScheduler(**cfg.scheduler), fingerprint(state))
+    return BaseModel(unet, text, DDPMScheduler(**cfg.scheduler), fingerprint(state))
 
 
 def load_sd15(path: str | Path | None) -> BaseModel:
@@ -89,4 +79,4 @@ def load_sd15(path: str | Path | None) -> BaseModel:
     text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
-    return BaseModel(unet, text.eval(), scheduler, fingerprint(unet.state_dict()), vae=vae.eval())
+    return BaseModel(unet, text, scheduler, fingerprint(unet.state_dict()), vae=vae)

@@ -1,7 +1,8 @@
 """Concept image sets: which N images a fine-tune of a concept sees.
 
 The images for (concept, N) are the first N of the concept's fixed, ordered pool, so N=3 ⊂ N=4:
-the pool order never depends on N, and a larger fine-tune only adds images.
+the pool order never depends on N, and a larger fine-tune only adds images. Each image has its own
+prompt (for digit concepts, its class token after the concept's identifier).
 """
 
 from __future__ import annotations
@@ -32,6 +33,20 @@ def digit_concepts(pools_per_class: int) -> dict[str, torch.Tensor]:
         for pool in range(pools_per_class):
             concepts[f"d{digit}p{pool}"] = images[members[pool::pools_per_class]]
     return concepts
+
+
+def mixed_concepts(count: int, size: int, seed: int) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+    """Concept `m{k}`: a block of `size` digits of any class, from one seeded permutation of all digits.
+
+    Every concept is then drawn from the same distribution, so concepts differ by their images only,
+    not by how hard their class is for the base; each image keeps its own class (its prompt's token).
+    """
+    images, classes = digit_images()
+    if count * size > len(images):
+        raise ValueError(f"{count} concepts of {size} images need more than the {len(images)} digits")
+    order = np.random.default_rng(seed).permutation(len(images))
+    blocks = [order[k * size : (k + 1) * size] for k in range(count)]
+    return {f"m{k}": (images[block], classes[block]) for k, block in enumerate(blocks)}
 
 
 def concept_class(concept: str) -> int:

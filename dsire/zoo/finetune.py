@@ -22,6 +22,12 @@ def lora_config(cfg: DictConfig) -> LoraConfig:
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules), init_lora_weights=True)
 
 
+def add_lora(unet: torch.nn.Module, cfg: DictConfig, seed: int) -> None:
+    """Attach a fresh adapter whose A-initialisation is drawn from `seed` (the seed policy's, never N's)."""
+    torch.manual_seed(seed)
+    unet.add_adapter(lora_config(cfg), adapter_name=ADAPTER)
+
+
 class SnapshotCallback(pl.Callback):
     """Hands the LoRA state to `save` at each configured global step."""
 
@@ -36,12 +42,11 @@ class SnapshotCallback(pl.Callback):
 def finetune(
     base: BaseModel, images: torch.Tensor, token_ids: torch.Tensor, cfg: DictConfig, seed: int, save: Snapshot
 ) -> None:
-    """Train one adapter on `images` (all conditioned on `token_ids`); `seed` sets init, order and noise."""
+    """Train one adapter on `images` (image i conditioned on `token_ids[i]`); `seed` sets init, order, noise."""
     base.unet.requires_grad_(False)
-    torch.manual_seed(seed)  # the LoRA A-initialisation
-    base.unet.add_adapter(lora_config(cfg.lora), adapter_name=ADAPTER)
+    add_lora(base.unet, cfg.lora, seed)
     try:
-        dataset = TensorDataset(images, token_ids.expand(len(images), -1))
+        dataset = TensorDataset(images, token_ids)
         sampler = RandomSampler(
             dataset,
             replacement=True,

@@ -15,31 +15,45 @@ from dsire.zoo.base import BaseModel
 
 
 class NoisePrediction(pl.LightningModule):
-    """Predict the noise added to (encoded) images, conditioned on prompt embeddings."""
+    """Predict the noise added to (encoded) images, conditioned on prompt embeddings.
+
+    UNet, text encoder and VAE are submodules, so Lightning moves all of them to the device; only
+    parameters left trainable (LoRA weights, or everything when pretraining) reach the optimiser.
+    All of it is in train mode, as Lightning expects: the frozen text encoder and VAE have no dropout
+    or batch norm, so their mode does not change what they compute.
+    """
 
     def __init__(self, base: BaseModel, lr: float, seed: int, train_text_encoder: bool = False):
         super().__init__()
-        self.base = base
-        self.unet = base.unet
-        self.text_encoder = base.text_encoder if train_text_encoder else None
+        self.unet, self.text_encoder, self.vae = base.unet, base.text_encoder, base.vae
+        self.train_text_encoder = train_text_encoder
+        self.text_encoder.requires_grad_(train_text_encoder)
+        self.scheduler = base.scheduler
         self.lr = lr
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # on CPU: the same draws on any device
+        self.train()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, token_ids = batch
-        latents = self.base.encode_images(images)
-        if self.text_encoder is not None:
+        latents = self.encode_images(images)
+        with torch.set_grad_enabled(self.train_text_encoder):
             context = self.text_encoder(token_ids)[0]
-        else:
-            context = self.base.encode_prompt(token_ids)
-        steps = self.base.scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=self.generator)
-        noise = torch.randn(latents.shape, generator=self.generator)
-        noisy = self.base.scheduler.add_noise(latents, noise, timesteps)
+        steps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=self.generator).to(latents.device)
+        noise = torch.randn(latents.shape, generator=self.generator).to(latents.device, latents.dtype)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
         loss = F.mse_loss(prediction, noise)
         self.log("loss", loss, prog_bar=True)
         return loss
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels for a pixel-space UNet (tiny), scaled VAE latents otherwise (SD 1.5)."""
+        if self.vae is None:
+            return images
+        latents = self.vae.encode(images).latent_dist.sample(generator=self.generator)
+        return latents * self.vae.config.scaling_factor
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -47,7 +61,7 @@ class NoisePrediction(pl.LightningModule):
 
 
 def quiet_trainer(max_steps: int, callbacks: list | None = None, progress: bool = False) -> pl.Trainer:
-    """A CPU trainer without checkpoints, loggers or summaries: runs inside sweep workers."""
+    """A trainer without checkpoints, loggers or summaries (it runs inside sweep workers), on the GPU if any."""
     return pl.Trainer(
         max_steps=max_steps,
         accelerator="auto",

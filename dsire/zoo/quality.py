@@ -1,53 +1,59 @@
 """A lightweight check that a zoo carries the dataset-size signal DSiRe needs.
 
-Measures, on a zoo directory (manifest + files):
+This is a zoo check, not the DSiRe model (that is a Lightning module of its own). On a zoo
+directory (manifest + files) it measures:
 - Spearman correlation of mean ‖ΔW‖F with N, across the zoo and within each concept;
-- the paper's method under leave-concepts-out: per voter (layer × part) the first r singular values,
-  global min-max normalisation fit on the training concepts, one 1-NN FAISS index per voter,
-  majority vote (ties go to the smallest N); accuracy and MAE, averaged over concept folds.
-The full DSiRe model (Lightning, options, checkpoints) is `dsire.models`; this module only checks zoos.
+- the paper's method under leave-concepts-out: per layer, the first r singular values of ΔW
+  (optionally concatenated with those of A = down and B = up), one global min-max normalisation fit
+  on the training concepts, one 1-NN FAISS index per layer, majority vote over layers (the voter of
+  `dsire.models.knn`, with its tie rule); accuracy and MAE averaged over concept folds and shuffles.
 
-    python -m dsire.zoo.quality data/zoo [--parts delta,down,up] [--folds 5]
+    python -m dsire.zoo.quality data/zoo [--parts delta,down,up] [--folds 5] [--repeats 5] [--group 'd[0-9]'] [--step S]
 """
 
 from __future__ import annotations
 
 import argparse
-from collections import Counter
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import faiss
 import numpy as np
 from scipy.stats import spearmanr
 
 from dsire.lora import load_lora
+from dsire.models.knn import KNNVote
 from dsire.spectra import batch_spectra
 from dsire.zoo.sweep import read_manifest
 
-PARTS = ("delta", "down", "up")
+PARTS = ("delta",)
 SIZE_SETS = {"N = 1..6": None, "N ∈ {1,3,6}": (1, 3, 6), "N ∈ {1,6}": (1, 6)}
 
 
 @dataclass
 class ZooFeatures:
-    voters: dict[str, np.ndarray]  # "layer/part" -> [models, r]
+    voters: dict[str, np.ndarray]  # layer -> [models, r × parts]
     n: np.ndarray
     concepts: np.ndarray
     delta_norm: np.ndarray  # mean ‖ΔW‖F over layers, per model
 
 
-def zoo_features(zoo_dir: str | Path, parts: tuple[str, ...] = PARTS, batch: int = 16) -> ZooFeatures:
+def zoo_features(
+    zoo_dir: str | Path, parts: tuple[str, ...] = PARTS, step: int | None = None, batch: int = 16
+) -> ZooFeatures:
+    """Per-layer spectra (fp32, whatever the storage dtype) of the manifest's checkpoints at one snapshot
+    `step` (default: the last): snapshots of different steps are different recipes and are not mixed."""
     zoo_dir = Path(zoo_dir)
     rows = read_manifest(zoo_dir)
+    step = step if step is not None else max(int(row["step"]) for row in rows)
+    rows = [row for row in rows if int(row["step"]) == step]
     voters: dict[str, list[np.ndarray]] = {}
     norms = []
     for start in range(0, len(rows), batch):
         loras = [load_lora(zoo_dir / row["path"]) for row in rows[start : start + batch]]
         for spectra in batch_spectra(loras):
             for layer, s in spectra.items():
-                for part in parts:
-                    voters.setdefault(f"{layer}/{part}", []).append(getattr(s, part).numpy())
+                voters.setdefault(layer, []).append(np.concatenate([getattr(s, part).numpy() for part in parts]))
             norms.append(np.mean([float(s.delta_norm) for s in spectra.values()]))
     return ZooFeatures(
         voters={k: np.stack(v).astype(np.float32) for k, v in voters.items()},
@@ -58,38 +64,29 @@ def zoo_features(zoo_dir: str | Path, parts: tuple[str, ...] = PARTS, batch: int
 
 
 def vote(train: dict[str, np.ndarray], train_n: np.ndarray, test: dict[str, np.ndarray]) -> np.ndarray:
-    """The paper's prediction: global min-max from the training features, 1-NN per voter, majority."""
-    low = min(float(x.min()) for x in train.values())
-    high = max(float(x.max()) for x in train.values())
-    scale = (high - low) or 1.0
-    votes = []
-    for name, x in train.items():
-        index = faiss.IndexFlatL2(x.shape[1])
-        index.add((x - low) / scale)
-        _, nearest = index.search((test[name] - low) / scale, 1)
-        votes.append(train_n[nearest[:, 0]])
-    votes = np.stack(votes, axis=1)  # [test models, voters]
-    return np.array([min(Counter(row).items(), key=lambda kv: (-kv[1], kv[0]))[0] for row in votes])
+    """The paper's prediction by the DSiRe model's own voter: global min-max, 1-NN per layer, majority."""
+    return KNNVote().fit(train, train_n).predict(test).n
 
 
 def leave_concepts_out(
-    features: ZooFeatures, sizes: tuple[int, ...] | None, folds: int, seed: int = 0
+    features: ZooFeatures, sizes: tuple[int, ...] | None, folds: int, repeats: int = 1
 ) -> tuple[float, float]:
-    """Mean accuracy and MAE over `folds` groups of held-out concepts."""
+    """Mean accuracy and MAE over `folds` groups of held-out concepts, for `repeats` shuffles."""
     keep = np.isin(features.n, sizes) if sizes else np.ones(len(features.n), bool)
-    concepts = np.unique(features.concepts[keep])
-    np.random.default_rng(seed).shuffle(concepts)
     accuracies, errors = [], []
-    for held_out in np.array_split(concepts, folds):
-        test = keep & np.isin(features.concepts, held_out)
-        train = keep & ~test
-        predicted = vote(
-            {k: v[train] for k, v in features.voters.items()},
-            features.n[train],
-            {k: v[test] for k, v in features.voters.items()},
-        )
-        accuracies.append(float(np.mean(predicted == features.n[test])))
-        errors.append(float(np.mean(np.abs(predicted - features.n[test]))))
+    for seed in range(repeats):
+        concepts = np.unique(features.concepts[keep])
+        np.random.default_rng(seed).shuffle(concepts)
+        for held_out in np.array_split(concepts, folds):
+            test = keep & np.isin(features.concepts, held_out)
+            train = keep & ~test
+            predicted = vote(
+                {k: v[train] for k, v in features.voters.items()},
+                features.n[train],
+                {k: v[test] for k, v in features.voters.items()},
+            )
+            accuracies.append(float(np.mean(predicted == features.n[test])))
+            errors.append(float(np.mean(np.abs(predicted - features.n[test]))))
     return float(np.mean(accuracies)), float(np.mean(errors))
 
 
@@ -103,12 +100,27 @@ def norm_correlations(features: ZooFeatures) -> tuple[float, float]:
     return float(across), float(np.mean(within))
 
 
-def report(zoo_dir: str | Path, parts: tuple[str, ...] = PARTS, folds: int = 5) -> dict[str, float]:
-    features = zoo_features(zoo_dir, parts)
+def grouped(features: ZooFeatures, pattern: str) -> ZooFeatures:
+    """Concepts replaced by their group, the part of the name `pattern` matches (e.g. `d[0-9]`: the digit
+    class): holding out whole groups is a stricter split, with no sibling concept left in training."""
+    return replace(features, concepts=np.array([re.match(pattern, c).group(0) for c in features.concepts]))
+
+
+def report(
+    zoo_dir: str | Path,
+    parts: tuple[str, ...] = PARTS,
+    folds: int = 5,
+    repeats: int = 5,
+    group: str | None = None,
+    step: int | None = None,
+) -> dict[str, float]:
+    """All the zoo's figures, keyed by name (what the README records)."""
+    features = zoo_features(zoo_dir, parts, step)
     across, within = norm_correlations(features)
     result = {"spearman_norm_vs_n": across, "spearman_within_concept": within}
+    folded = grouped(features, group) if group else features
     for label, sizes in SIZE_SETS.items():
-        accuracy, mae = leave_concepts_out(features, sizes, folds)
+        accuracy, mae = leave_concepts_out(folded, sizes, folds, repeats)
         result[f"accuracy {label}"], result[f"mae {label}"] = accuracy, mae
     return result
 
@@ -116,10 +128,14 @@ def report(zoo_dir: str | Path, parts: tuple[str, ...] = PARTS, folds: int = 5) 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Dataset-size signal of a zoo (paper method, leave-concepts-out)")
     parser.add_argument("zoo_dir")
-    parser.add_argument("--parts", default=",".join(PARTS), help="spectra used as voters: delta, down, up")
+    parser.add_argument("--parts", default=",".join(PARTS), help="spectra concatenated per layer: delta, down, up")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="shuffles of the concepts into folds")
+    parser.add_argument("--group", help="regex: hold out whole groups of concepts, e.g. 'd[0-9]' (digit class)")
+    parser.add_argument("--step", type=int, help="snapshot step to measure (default: the last)")
     args = parser.parse_args()
-    for key, value in report(args.zoo_dir, tuple(args.parts.split(",")), args.folds).items():
+    figures = report(args.zoo_dir, tuple(args.parts.split(",")), args.folds, args.repeats, args.group, args.step)
+    for key, value in figures.items():
         print(f"{key:32s} {value:+.3f}")
 
 

@@ -8,10 +8,10 @@ import torch
 from omegaconf import DictConfig
 
 from dsire.zoo.base import BaseModel, load_sd15, load_tiny
-from dsire.zoo.data import concept_class, digit_concepts, folder_concepts
+from dsire.zoo.data import concept_class, digit_concepts, folder_concepts, mixed_concepts
 from dsire.zoo.pretrain import pretrain_tiny, prompt
 
-Concepts = dict[str, tuple[torch.Tensor, torch.Tensor]]  # concept -> (ordered image pool, prompt token ids)
+Concepts = dict[str, tuple[torch.Tensor, torch.Tensor]]  # concept -> (ordered image pool, token ids per image)
 
 
 def load_base(cfg: DictConfig) -> BaseModel:
@@ -25,7 +25,16 @@ def load_base(cfg: DictConfig) -> BaseModel:
 def load_concepts(cfg: DictConfig) -> Concepts:
     if cfg.data.kind == "digits":
         pools = digit_concepts(cfg.data.pools_per_class)
-        concepts = {name: (images, prompt(concept_class(name), identifier=True)) for name, images in pools.items()}
+        concepts = {
+            name: (images, prompt(concept_class(name), identifier=True).expand(len(images), -1))
+            for name, images in pools.items()
+        }
+    elif cfg.data.kind == "mixed":
+        pools = mixed_concepts(cfg.data.count, cfg.data.pool_size, cfg.data.seed)
+        concepts = {
+            name: (images, torch.cat([prompt(int(c), identifier=True) for c in classes]))
+            for name, (images, classes) in pools.items()
+        }
     elif cfg.data.kind == "folders":
         from transformers import CLIPTokenizer
 
@@ -34,9 +43,9 @@ def load_concepts(cfg: DictConfig) -> Concepts:
         for name, images in folder_concepts(cfg.data.root, cfg.data.resolution).items():
             text = cfg.data.prompt.format(concept=name.replace("_", " "))
             ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-            concepts[name] = (images, ids.input_ids)
+            concepts[name] = (images, ids.input_ids.expand(len(images), -1))
     else:
-        raise ValueError(f"unknown concept data kind {cfg.data.kind!r} (digits | folders)")
+        raise ValueError(f"unknown concept data kind {cfg.data.kind!r} (digits | mixed | folders)")
     if cfg.data.get("concepts"):
         concepts = {name: concepts[name] for name in cfg.data.concepts}
     too_small = {name: len(images) for name, (images, _) in concepts.items() if len(images) < max(cfg.sizes)}

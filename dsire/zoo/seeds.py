@@ -1,23 +1,23 @@
-"""Seed policy. Seeds are never a function of N.
+"""Seed policy. A LoRA's seed is never a function of N.
 
 A seed tied to N gives every LoRA of one size class the same A-initialisation; nearest-neighbour
-retrieval then matches the init, not the data. `fixed` (the default, as common training scripts
-do) gives every model of the zoo one init seed; `per_model` gives each model its own seed drawn
-from a hash of (zoo seed, concept, replicate, N): independent across models, so no size class
-shares an init.
+retrieval then matches the init, not the data. `fixed` (the default, as common training scripts do)
+gives every model of the zoo one seed, so all share one A-init and one noise sequence and differ by
+their data only. `per_model` draws an independent random seed for each model from the operating
+system's entropy; the manifest and each file's metadata record it, which is what reproduces a model.
+`model_seed` takes nothing about the model, so no policy can depend on N.
 """
 
 from __future__ import annotations
 
-import hashlib
+import secrets
 
 POLICIES = ("fixed", "per_model")
 
 
-def model_seed(policy: str, zoo_seed: int, concept: str, replicate: int, n: int) -> int:
+def model_seed(policy: str, zoo_seed: int) -> int:
     if policy == "fixed":
         return zoo_seed
     if policy == "per_model":
-        digest = hashlib.sha256(f"{zoo_seed}/{concept}/{replicate}/{n}".encode()).digest()
-        return int.from_bytes(digest[:4], "little")
+        return secrets.randbits(31)
     raise ValueError(f"unknown seed policy {policy!r}; one of {POLICIES}")

@@ -2,14 +2,19 @@
 
 Each finished checkpoint is written atomically and then recorded in `manifest.csv` (also written
 atomically), so a killed sweep leaves only complete files and a manifest that lists them; the
-next run skips every job whose snapshots are all recorded and present.
+next run skips every job whose snapshots are all recorded and present. A zoo directory holds one
+recipe: resuming with a changed recipe is refused rather than mixing two recipes in one zoo.
 """
 
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import logging
+import os
+import signal
+import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -31,6 +36,7 @@ from dsire.zoo.recipes import load_base, load_concepts
 from dsire.zoo.seeds import model_seed
 
 MANIFEST = "manifest.csv"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 COLUMNS = (
     "path",
     "n",
@@ -45,7 +51,9 @@ COLUMNS = (
     "base_fingerprint",
     "seconds",
 )
-RECIPE_KEYS = ["base", "data", "lora", "train", "sizes", "replicates", "seeds", "format", "dtype"]
+# Where things are and which jobs a sweep plans are not part of the recipe: a LoRA trained from the same
+# base (fingerprinted separately), data, LoRA and training settings has the same recipe hash on any machine.
+NOT_RECIPE = {"name", "out_dir", "sizes", "replicates", "base.path", "data.root", "data.concepts", "data.count"}
 
 
 @dataclass(frozen=True)
@@ -61,13 +69,21 @@ class Job:
 
 
 def recipe_hash(cfg: DictConfig) -> str:
-    return config_hash(OmegaConf.masked_copy(cfg, RECIPE_KEYS))
+    """Hash of how each LoRA is trained, independent of paths and of the sweep's plan."""
+    recipe = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_RECIPE:
+        *parents, leaf = key.split(".")
+        node = recipe
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return config_hash(OmegaConf.create(recipe))
 
 
 def plan(cfg: DictConfig, concepts: list[str]) -> list[Job]:
-    """All jobs, ordered by concept then N; seeds come from the policy, never from N alone."""
+    """All jobs, ordered by concept then N; seeds come from the policy, which never sees N."""
     return [
-        Job(concept, n, rep, model_seed(cfg.seeds.policy, cfg.seeds.zoo_seed, concept, rep, n))
+        Job(concept, n, rep, model_seed(cfg.seeds.policy, cfg.seeds.zoo_seed))
         for concept in concepts
         for n in cfg.sizes
         for rep in range(cfg.replicates)
@@ -107,6 +123,16 @@ def _init_worker(cfg_container: dict, threads: int) -> None:
     _STATE.update(cfg=cfg, base=load_base(cfg), concepts=load_concepts(cfg), recipe=recipe_hash(cfg))
 
 
+def _init_pool_worker(cfg_container: dict, sweep_pid: int) -> None:
+    """A pool worker: one thread, and it dies with the sweep (even a kill -9 of it) instead of running on
+    orphaned and writing checkpoints no manifest will list."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != sweep_pid:  # the sweep died before prctl took effect
+            os._exit(1)
+    _init_worker(cfg_container, threads=1)
+
+
 def run_job(job: Job) -> list[dict]:
     """Fine-tune one job and save its snapshots; returns their manifest rows."""
     cfg, base = _STATE["cfg"], _STATE["base"]
@@ -135,7 +161,7 @@ def run_job(job: Job) -> list[dict]:
         save_lora(state, out_dir / name, cfg.format, config, metadata=metadata, dtype=getattr(torch, cfg.dtype))
         rows.append(row)
 
-    finetune(base, images[: job.n], token_ids, cfg, job.seed, save)
+    finetune(base, images[: job.n], token_ids[: job.n], cfg, job.seed, save)
     return rows
 
 
@@ -145,8 +171,16 @@ def run_sweep(cfg: DictConfig, workers: int, console: Console | None = None) -> 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     container = OmegaConf.to_container(cfg, resolve=True)
-    _init_worker(container, threads=torch.get_num_threads())  # pretrains the base once, before any worker
+    # One thread everywhere (also for in-process jobs and the base's pretraining): a checkpoint is then
+    # bitwise the same whatever the worker count, and workers do not oversubscribe the cores.
+    _init_worker(container, threads=1)  # pretrains the base once, before any worker starts
     rows = read_manifest(out_dir)
+    others = {row["recipe_hash"] for row in rows} - {_STATE["recipe"]}
+    if others:
+        raise ValueError(
+            f"{out_dir / MANIFEST} lists checkpoints of recipe(s) {sorted(others)}, not of this one "
+            f"({_STATE['recipe']}): set zoo.out_dir to a new directory for a changed recipe"
+        )
     jobs = plan(cfg, list(_STATE["concepts"]))
     todo = [job for job in jobs if not finished(job, rows, cfg, out_dir)]
     console.print(f"zoo {cfg.name}: {len(jobs)} fine-tunes, {len(jobs) - len(todo)} already done, {len(todo)} to run")
@@ -168,7 +202,8 @@ def _execute(jobs: list[Job], container: dict, workers: int):
             yield run_job(job)
         return
     context = get_context("spawn")  # fresh interpreters: no forked torch thread pools
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(container, 1)) as pool:
+    initargs = (container, os.getpid())
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_pool_worker, initargs=initargs) as pool:
         for future in as_completed([pool.submit(run_job, job) for job in jobs]):
             yield future.result()
 
