@@ -64,6 +64,8 @@ def train(cfg: DictConfig) -> dict:
     datamodule.setup("fit")
     model = new_model(cfg, datamodule)
     features = featurize(model, trainer, datamodule.predict_dataloader())
+    read = len(features.keys) + len(features.errors)
+    console.print(f"spectra: {model.computed} computed from weights, {read - model.computed} from the cache")
     for key, problem in features.errors.items():
         console.print(f"[red]skipped[/red] {key}: {problem}")
     per_split = []

@@ -40,6 +40,7 @@ def trained(tmp_path_factory) -> Path:
     )  # no W&B login anywhere: must run offline, no prompt
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accuracy" in result.stdout
+    assert "spectra: 180 computed from weights, 0 from the cache" in result.stdout
     return out
 
 
@@ -63,13 +64,14 @@ def test_wandb_offline_run_has_the_metrics(trained: Path):
 
 
 def test_second_run_reads_no_weights(trained: Path, tmp_path):
-    """Every spectrum is cached: a run whose zoo files are unreadable still gets the same metrics."""
+    """Every spectrum is cached: the second run computes none from weights and gets the same metrics."""
     cache = trained / "cache"
     entries = sorted(cache.rglob("*.safetensors"))
     assert len(entries) == len(list(ZOO.glob("*.safetensors")))
     first = json.loads((trained / "metrics.json").read_text())["summary"]
     result = run("train.py", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={cache}", "logger=csv")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"spectra: 0 computed from weights, {len(entries)} from the cache" in result.stdout
     assert json.loads((tmp_path / "metrics.json").read_text())["summary"] == first
 
 
