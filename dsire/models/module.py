@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torchmetrics import MeanAbsoluteError, MeanAbsolutePercentageError
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from dsire.data.cache import SpectraCache
 from dsire.models.features import FeatureSpec, stack
@@ -155,13 +156,17 @@ class DSiReModule(pl.LightningModule):
         truth = features.n
         y, yhat = torch.from_numpy(truth).double(), torch.from_numpy(predicted).double()
         sizes = sorted(set(self.knn.sizes.tolist()) | set(truth.tolist()))
-        confusion = np.zeros((len(sizes), len(sizes)), np.int64)
-        np.add.at(confusion, (np.searchsorted(sizes, truth), np.searchsorted(sizes, predicted)), 1)
+        confusion = multiclass_confusion_matrix(
+            torch.from_numpy(np.searchsorted(sizes, predicted)),
+            torch.from_numpy(np.searchsorted(sizes, truth)),
+            num_classes=len(sizes),
+        )  # rows: true N, columns: predicted N
+        per_size = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
         return {
-            "accuracy": float(np.mean(predicted == truth)),
+            "accuracy": float(confusion.diag().sum() / confusion.sum()),
             "mae": float(MeanAbsoluteError()(yhat, y)),
             "mape": float(MeanAbsolutePercentageError()(yhat, y)),
-            "per_size_accuracy": {int(s): float(np.mean(predicted[truth == s] == s)) for s in np.unique(truth)},
+            "per_size_accuracy": {int(s): float(per_size[sizes.index(s)]) for s in np.unique(truth)},
             "confusion": {"sizes": sizes, "counts": confusion.tolist()},
             "per_voter_accuracy": dict(
                 zip(self.knn.voters, np.mean(voter_labels == truth[:, None], axis=0).tolist(), strict=True)
