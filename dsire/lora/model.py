@@ -67,9 +67,6 @@ class LoRA:
     def ranks(self) -> set[int]:
         return {layer.rank for layer in self.layers.values()}
 
-    def num_parameters(self) -> int:
-        return sum(layer.down.numel() + layer.up.numel() for layer in self.layers.values())
-
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
     """PEFT's scaling: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
