@@ -63,10 +63,6 @@ class LoRA:
     labels: dict[str, str | int] = field(default_factory=dict)  # labels stored with the weights
     notes: list[str] = field(default_factory=list)  # assumptions the reader made, for the user
 
-    @property
-    def ranks(self) -> set[int]:
-        return {layer.rank for layer in self.layers.values()}
-
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
     """PEFT's scaling: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
