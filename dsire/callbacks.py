@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # headless machines fall back to the Agg backen
 import numpy as np
 
 from dsire.loggers import log_figure, log_table
-from dsire.models.module import DSiReModule, Features
+from dsire.models.module import DSiReModule
 
 
 class ConfusionMatrix(pl.Callback):
@@ -24,8 +24,7 @@ class ConfusionMatrix(pl.Callback):
         self.counts: dict[tuple[int, int], int] = defaultdict(int)
 
     def on_test_end(self, trainer: pl.Trainer, module: DSiReModule) -> None:
-        results = module.results()
-        for _, truth, predicted in results.get("predictions", []):
+        for _, truth, predicted in module.test_results.get("predictions", []):
             self.counts[(truth, predicted)] += 1
         sizes = sorted({s for pair in self.counts for s in pair})
         if not sizes:
@@ -58,7 +57,7 @@ class PerLayerAccuracy(pl.Callback):
         self.hits: dict[str, list[float]] = defaultdict(list)
 
     def on_test_end(self, trainer: pl.Trainer, module: DSiReModule) -> None:
-        for voter, accuracy in module.results().get("per_voter_accuracy", {}).items():
+        for voter, accuracy in module.test_results.get("per_voter_accuracy", {}).items():
             self.hits[voter].append(accuracy)
         if not self.hits:
             return
@@ -80,7 +79,7 @@ class SpectrumVsSize(pl.Callback):
         self.seen: dict[str, tuple[int, np.ndarray]] = {}
 
     def on_test_end(self, trainer: pl.Trainer, module: DSiReModule) -> None:
-        features = Features.concat([f for f, _ in module._test])
+        features = module.test_features
         delta = [v for v in features.vectors if v.endswith("/delta")]
         if not delta:
             return

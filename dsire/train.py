@@ -73,7 +73,7 @@ def train(cfg: DictConfig) -> dict:
         model = new_model(cfg, datamodule)
         model.fit(features.select(np.isin(features.concepts, split.train)))
         trainer.test(model, datamodule.loader(datamodule.entries_of(split.test)), verbose=False)
-        results = model.results()
+        results = model.test_results
         per_split.append(results)
         log_metrics(trainer, {f"split/{k}": results[k] for k in SCALARS}, step=i)
     summary = summarize(per_split)

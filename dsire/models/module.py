@@ -3,7 +3,8 @@
 Lightning runs the featurisation: `predict_step` turns a batch of zoo items into per-voter
 feature vectors, computing spectra on the module's device (GPU when present) for items the
 cache did not have. Fitting is `fit(features)`: normalisation + one FAISS index per voter.
-`test_step` predicts and accumulates metrics (torchmetrics) for `results()`.
+`test_step` predicts; at the end of a test run `test_features` and `test_results` (metrics via
+torchmetrics) hold what callbacks and the runner report, computed once.
 """
 
 from __future__ import annotations
@@ -144,15 +145,19 @@ class DSiReModule(pl.LightningModule):
         features = self.featurize(batch)
         self._test.append((features, self.predict_features(features) if features.keys else None))
 
-    def results(self) -> dict:
+    def on_test_epoch_end(self) -> None:
+        self.test_features = Features.concat([f for f, _ in self._test])
+        self.test_results = self._results()
+
+    def _results(self) -> dict:
         """Metrics over the last test run: accuracy, MAE, MAPE, per-size accuracy, confusion, per-voter."""
-        done = [(f, p) for f, p in self._test if p is not None]
-        errors = {k: v for f, _ in self._test for k, v in f.errors.items()}
+        done = [p for _, p in self._test if p is not None]
+        features = self.test_features
+        errors = features.errors
         if not done:
             return {"errors": errors}
-        features = Features.concat([f for f, _ in done])
-        predicted = np.concatenate([p.n for _, p in done])
-        voter_labels = np.concatenate([p.voter_labels for _, p in done])
+        predicted = np.concatenate([p.n for p in done])
+        voter_labels = np.concatenate([p.voter_labels for p in done])
         truth = features.n
         y, yhat = torch.from_numpy(truth).double(), torch.from_numpy(predicted).double()
         sizes = sorted(set(self.knn.sizes.tolist()) | set(truth.tolist()))
