@@ -11,6 +11,7 @@ from collections import defaultdict
 import lightning.pytorch as pl
 import matplotlib.pyplot as plt  # headless machines fall back to the Agg backend by themselves
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_only
 
 from dsire.loggers import log_figure, log_table
 from dsire.models.module import DSiReModule
@@ -23,6 +24,7 @@ class ConfusionMatrix(pl.Callback):
         self.output_dir = output_dir
         self.counts: dict[tuple[int, int], int] = defaultdict(int)
 
+    @rank_zero_only  # every rank holds the gathered results; one draws them
     def on_test_end(self, trainer: pl.Trainer, module: DSiReModule) -> None:
         for _, truth, predicted in module.test_results.get("predictions", []):
             self.counts[(truth, predicted)] += 1
@@ -56,6 +58,7 @@ class PerLayerAccuracy(pl.Callback):
         self.output_dir = output_dir
         self.hits: dict[str, list[float]] = defaultdict(list)
 
+    @rank_zero_only
     def on_test_end(self, trainer: pl.Trainer, module: DSiReModule) -> None:
         for voter, accuracy in module.test_results.get("per_voter_accuracy", {}).items():
             self.hits[voter].append(accuracy)
@@ -78,6 +81,7 @@ class SpectrumVsSize(pl.Callback):
         self.output_dir = output_dir
         self.seen: dict[str, tuple[int, np.ndarray]] = {}
 
+    @rank_zero_only
     def on_test_end(self, trainer: pl.Trainer, module: DSiReModule) -> None:
         features = module.test_features
         delta = [v for v in features.vectors if v.endswith("/delta")]

@@ -1,6 +1,7 @@
 """`train.py`'s job: featurise a zoo, evaluate DSiRe over concept-grouped splits, save a model.
 
-1. Featurise every LoRA once (`trainer.predict`: spectra on the module's device, cached on disk).
+1. Featurise every LoRA once (`trainer.predict`: spectra on the module's device, cached on disk;
+   under `trainer=ddp` each process reads its share of the files and all gather the features).
 2. For each split: fit on the training concepts, `trainer.test` on the held-out ones; callbacks
    log figures, the metrics of each split go to every logger.
 3. Log mean ± std over splits, write `metrics.json`, fit on all concepts, save the checkpoint.
@@ -20,9 +21,10 @@ from rich.table import Table
 
 from dsire.atomic import atomic_write_text
 from dsire.data.datamodule import LoRAZooDataModule
+from dsire.distributed import gather, one_rank_at_a_time
 from dsire.loggers import finish_loggers, log_metrics, prepare_wandb
 from dsire.models.checkpoint import save_checkpoint
-from dsire.models.module import DSiReModule, Features
+from dsire.models.module import DSiReModule, Features, gather_features
 
 SCALARS = ("accuracy", "mae", "mape")
 
@@ -42,11 +44,13 @@ def new_model(cfg: DictConfig, datamodule: LoRAZooDataModule) -> DSiReModule:
     return model
 
 
-def featurize(model: DSiReModule, trainer: pl.Trainer, loader) -> Features:
-    features = Features.concat(trainer.predict(model, loader) or [])
+def featurize(model: DSiReModule, trainer: pl.Trainer, loader) -> tuple[Features, int]:
+    """Every LoRA's features (gathered from all ranks) and how many spectra were computed from weights."""
+    features = gather_features(Features.concat(trainer.predict(model, loader) or []))
     if model.cache is not None:
-        model.cache.flush()
-    return features
+        for _ in one_rank_at_a_time():
+            model.cache.flush()
+    return features, sum(gather(model.computed))
 
 
 def summarize(per_split: list[dict]) -> dict[str, float]:
@@ -59,13 +63,13 @@ def summarize(per_split: list[dict]) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
-    console = Console()
     datamodule, trainer = build(cfg)
+    console = Console(quiet=not trainer.is_global_zero)  # every rank holds the same results; one reports
     datamodule.setup("fit")
     model = new_model(cfg, datamodule)
-    features = featurize(model, trainer, datamodule.predict_dataloader())
+    features, computed = featurize(model, trainer, datamodule.predict_dataloader())
     read = len(features.keys) + len(features.errors)
-    console.print(f"spectra: {model.computed} computed from weights, {read - model.computed} from the cache")
+    console.print(f"spectra: {computed} computed from weights, {read - computed} from the cache")
     for key, problem in features.errors.items():
         console.print(f"[red]skipped[/red] {key}: {problem}")
     per_split = []
@@ -79,20 +83,25 @@ def train(cfg: DictConfig) -> dict:
     summary = summarize(per_split)
     log_metrics(trainer, summary, step=len(per_split))
     _print(summary, per_split, cfg, console)
+    report = {"summary": summary, "splits": per_split, "skipped": features.errors}
+    if trainer.is_global_zero:
+        report["checkpoint"] = str(_save_model(cfg, datamodule, features))
+        out = Path(cfg.paths.output_dir)
+        atomic_write_text(out / "metrics.json", json.dumps(report, indent=1))
+        console.print(f"model: {report['checkpoint']}\nmetrics: {out / 'metrics.json'}")
+    finish_loggers(trainer)
+    return report
 
+
+def _save_model(cfg: DictConfig, datamodule: LoRAZooDataModule, features: Features) -> Path:
+    """Fit on every concept and save the checkpoint `predict.py` uses."""
     model = new_model(cfg, datamodule).fit(features)
     model.metadata = {
         "source": json.dumps(OmegaConf.to_container(cfg.data.source, resolve=True)),
         "sizes": json.dumps(sorted(set(features.n.tolist()))),
         "loras": str(len(features.keys)),
     }
-    out = Path(cfg.paths.output_dir)
-    checkpoint = save_checkpoint(model, out / "dsire.safetensors")
-    report = {"summary": summary, "splits": per_split, "checkpoint": str(checkpoint), "skipped": features.errors}
-    atomic_write_text(out / "metrics.json", json.dumps(report, indent=1))
-    console.print(f"model: {checkpoint}\nmetrics: {out / 'metrics.json'}")
-    finish_loggers(trainer)
-    return report
+    return save_checkpoint(model, Path(cfg.paths.output_dir) / "dsire.safetensors")
 
 
 def _print(summary: dict, per_split: list[dict], cfg: DictConfig, console: Console) -> None:

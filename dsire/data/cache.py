@@ -80,5 +80,6 @@ class SpectraCache:
             save_file(tensors, str(tmp))
 
     def flush(self) -> None:
-        """Persist the remembered content hashes (call once per run)."""
+        """Persist the remembered content hashes (once per run), keeping those other runs added meanwhile."""
+        self._hashes = self._read_hashes() | self._hashes
         atomic_write_text(self._hashes_file, json.dumps(self._hashes))

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from dsire.data.cache import SpectraCache
 from dsire.data.sources import ZooEntry, from_labels_dir, from_lorawise, from_manifest
 from dsire.data.splits import Split, make_splits
+from dsire.distributed import ShardSampler
 from dsire.lora import LoRAError
 
 
@@ -91,6 +92,7 @@ class LoRAZooDataModule(pl.LightningDataModule):
         return DataLoader(
             ZooDataset(entries, self.cache, self.allow_torch_load),
             batch_size=self.batch_size,
+            sampler=ShardSampler(len(entries)),  # under DDP each rank reads its own share, no padding
             num_workers=self.num_workers,
             collate_fn=as_list,
         )

@@ -3,8 +3,9 @@
 Lightning runs the featurisation: `predict_step` turns a batch of zoo items into per-voter
 feature vectors, computing spectra on the module's device (GPU when present) for items the
 cache did not have. Fitting is `fit(features)`: normalisation + one FAISS index per voter.
-`test_step` predicts; at the end of a test run `test_features` and `test_results` (metrics via
-torchmetrics) hold what callbacks and the runner report, computed once.
+`test_step` featurises; at the end of a test run the held-out set (gathered from every rank under
+DDP) is predicted at once, and `test_features` and `test_results` (metrics via torchmetrics) hold
+what callbacks and the runner report, computed once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torchmetrics import MeanAbsoluteError, MeanAbsolutePercentageError
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from dsire.data.cache import SpectraCache
+from dsire.distributed import gather
 from dsire.models.features import FeatureSpec, stack
 from dsire.models.knn import KNNVote, Prediction
 from dsire.spectra import batch_spectra
@@ -34,12 +36,13 @@ class Features:
     errors: dict[str, str] = field(default_factory=dict)
 
     def select(self, keep: np.ndarray) -> Features:
-        """The subset of LoRAs where `keep` is True."""
+        """The LoRAs picked by `keep` (a boolean mask or indices, in that order); errors are not kept."""
+        rows = np.arange(len(self.keys))[keep]
         return Features(
-            vectors={v: x[keep] for v, x in self.vectors.items()},
-            n=self.n[keep],
-            keys=[k for k, m in zip(self.keys, keep, strict=True) if m],
-            concepts=[c for c, m in zip(self.concepts, keep, strict=True) if m],
+            vectors={v: x[rows] for v, x in self.vectors.items()},
+            n=self.n[rows],
+            keys=[self.keys[i] for i in rows],
+            concepts=[self.concepts[i] for i in rows],
         )
 
     @classmethod
@@ -57,8 +60,16 @@ class Features:
         )
 
 
+def gather_features(features: Features) -> Features:
+    """Every rank's features (under DDP; else just these), ordered by key so sharding cannot change results."""
+    merged = Features.concat(gather(features))
+    ordered = merged.select(np.argsort(np.array(merged.keys, dtype=str), kind="stable"))
+    ordered.errors = merged.errors
+    return ordered
+
+
 class DSiReModule(pl.LightningModule):
-    _test: list[tuple[Features, Prediction | None]]
+    _test: list[Features]
 
     def __init__(
         self,
@@ -142,23 +153,19 @@ class DSiReModule(pl.LightningModule):
         self._test = []
 
     def test_step(self, batch: list[dict], batch_idx: int) -> None:
-        features = self.featurize(batch)
-        self._test.append((features, self.predict_features(features) if features.keys else None))
+        self._test.append(self.featurize(batch))
 
     def on_test_epoch_end(self) -> None:
-        self.test_features = Features.concat([f for f, _ in self._test])
-        self.test_results = self._results()
+        """Predict the whole held-out set at once, after gathering it from every rank."""
+        self.test_features = gather_features(Features.concat(self._test))
+        self.test_results = self._results(self.test_features)
 
-    def _results(self) -> dict:
-        """Metrics over the last test run: accuracy, MAE, MAPE, per-size accuracy, confusion, per-voter."""
-        done = [p for _, p in self._test if p is not None]
-        features = self.test_features
-        errors = features.errors
-        if not done:
-            return {"errors": errors}
-        predicted = np.concatenate([p.n for p in done])
-        voter_labels = np.concatenate([p.voter_labels for p in done])
-        truth = features.n
+    def _results(self, features: Features) -> dict:
+        """Metrics over a test set: accuracy, MAE, MAPE, per-size accuracy, confusion, per-voter."""
+        if not features.keys:
+            return {"errors": features.errors}
+        prediction = self.predict_features(features)
+        predicted, truth = prediction.n, features.n
         y, yhat = torch.from_numpy(truth).double(), torch.from_numpy(predicted).double()
         sizes = sorted(set(self.knn.sizes.tolist()) | set(truth.tolist()))
         confusion = multiclass_confusion_matrix(
@@ -174,10 +181,10 @@ class DSiReModule(pl.LightningModule):
             "per_size_accuracy": {int(s): float(per_size[sizes.index(s)]) for s in np.unique(truth)},
             "confusion": {"sizes": sizes, "counts": confusion.tolist()},
             "per_voter_accuracy": dict(
-                zip(self.knn.voters, np.mean(voter_labels == truth[:, None], axis=0).tolist(), strict=True)
+                zip(self.knn.voters, np.mean(prediction.voter_labels == truth[:, None], axis=0).tolist(), strict=True)
             ),
             "predictions": list(zip(features.keys, truth.tolist(), predicted.tolist(), strict=True)),
-            "errors": errors,
+            "errors": features.errors,
         }
 
 
