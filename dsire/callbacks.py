@@ -97,3 +97,52 @@ class SpectrumVsSize(pl.Callback):
         axis.legend(fontsize=7)
         log_figure(trainer, "spectrum_vs_n", figure, self.output_dir)
         plt.close(figure)
+
+
+class IntervalCoverage(pl.Callback):
+    """The size regression: estimate and conformal interval against true N, and coverage per N."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.rows: dict[str, list] = {}  # key -> [N, estimate, low, high, mismatch p]
+
+    @rank_zero_only
+    def on_test_end(self, trainer: pl.Trainer, module: DSiReModule) -> None:
+        self.rows |= {key: rest for key, *rest in module.test_results.get("estimates", [])}
+        if not self.rows or module.calibration is None:
+            return
+        truth, estimate, low, high, _ = np.array(list(self.rows.values()), dtype=float).T
+        sizes = np.unique(truth)
+        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        jitter = np.random.default_rng(0).uniform(-0.2, 0.2, len(truth))
+        left.errorbar(truth + jitter, estimate, yerr=[estimate - low, high - estimate], fmt="o", ms=3, alpha=0.5)
+        left.plot([sizes[0], sizes[-1]], [sizes[0], sizes[-1]], "k--", lw=1)
+        left.set(xlabel="true N", ylabel="estimated N", yscale="log", title="size estimate with interval")
+        inside = (low <= truth) & (truth <= high)
+        right.bar(sizes, [inside[truth == s].mean() for s in sizes])
+        right.axhline(module.calibration.coverage, color="k", ls="--", label="target")
+        right.set(xlabel="true N", ylabel="coverage", ylim=(0, 1), title=f"coverage {inside.mean():.2f} overall")
+        right.legend()
+        log_figure(trainer, "interval_coverage", figure, self.output_dir)
+        plt.close(figure)
+
+
+class MismatchScores(pl.Callback):
+    """Recipe-mismatch p-values of held-out in-recipe LoRAs: flat above the false-alarm line is healthy."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.p: dict[str, float] = {}
+
+    @rank_zero_only
+    def on_test_end(self, trainer: pl.Trainer, module: DSiReModule) -> None:
+        self.p |= {key: row[-1] for key, *row in module.test_results.get("estimates", [])}
+        if not self.p or module.calibration is None:
+            return
+        figure, axis = plt.subplots(figsize=(6, 4))
+        axis.hist(list(self.p.values()), bins=20, range=(0, 1))
+        axis.axvline(module.calibration.false_alarm, color="r", ls="--", label="flagged below")
+        axis.set(xlabel="mismatch p-value", ylabel="held-out LoRAs", title="recipe-mismatch score, in-recipe LoRAs")
+        axis.legend()
+        log_figure(trainer, "mismatch_scores", figure, self.output_dir)
+        plt.close(figure)

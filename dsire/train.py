@@ -26,7 +26,8 @@ from dsire.loggers import finish_loggers, log_metrics, prepare_wandb
 from dsire.models.checkpoint import save_checkpoint
 from dsire.models.module import DSiReModule, Features, gather_features
 
-SCALARS = ("accuracy", "mae", "mape")
+SCALARS = ("accuracy", "mae", "mape", "regression_mae", "coverage", "interval_width", "mismatch_rate")
+UNSEEN = ("mae_seen", "regression_mae_unseen", "coverage_unseen")  # with data.train_sizes
 
 
 def build(cfg: DictConfig) -> tuple[LoRAZooDataModule, pl.Trainer]:
@@ -54,10 +55,12 @@ def featurize(model: DSiReModule, trainer: pl.Trainer, loader) -> tuple[Features
 
 
 def summarize(per_split: list[dict]) -> dict[str, float]:
+    """Mean and std over splits of every metric the splits report."""
     summary = {}
-    for name in SCALARS:
-        values = np.array([r[name] for r in per_split])
-        summary[f"{name}_mean"], summary[f"{name}_std"] = float(values.mean()), float(values.std())
+    for name in SCALARS + UNSEEN:
+        values = np.array([r[name] for r in per_split if name in r])
+        if len(values):
+            summary[f"{name}_mean"], summary[f"{name}_std"] = float(values.mean()), float(values.std())
     return summary
 
 
@@ -75,11 +78,12 @@ def train(cfg: DictConfig) -> dict:
     per_split = []
     for i, split in enumerate(datamodule.splits):
         model = new_model(cfg, datamodule)
-        model.fit(features.select(np.isin(features.concepts, split.train)))
+        train_sizes = datamodule.train_sizes or features.n
+        model.fit(features.select(np.isin(features.concepts, split.train) & np.isin(features.n, train_sizes)))
         trainer.test(model, datamodule.loader(datamodule.entries_of(split.test)), verbose=False)
         results = model.test_results
         per_split.append(results)
-        log_metrics(trainer, {f"split/{k}": results[k] for k in SCALARS}, step=i)
+        log_metrics(trainer, {f"split/{k}": results[k] for k in SCALARS + UNSEEN if k in results}, step=i)
     summary = summarize(per_split)
     log_metrics(trainer, summary, step=len(per_split))
     _print(summary, per_split, cfg, console)
@@ -108,8 +112,9 @@ def _print(summary: dict, per_split: list[dict], cfg: DictConfig, console: Conso
     table = Table(title=f"DSiRe, {len(per_split)} concept-grouped splits ({cfg.data.split.protocol})")
     for column in ("metric", "mean", "std"):
         table.add_column(column)
-    for name in SCALARS:
-        table.add_row(name, f"{summary[f'{name}_mean']:.3f}", f"{summary[f'{name}_std']:.3f}")
+    for name in SCALARS + UNSEEN:
+        if f"{name}_mean" in summary:
+            table.add_row(name, f"{summary[f'{name}_mean']:.3f}", f"{summary[f'{name}_std']:.3f}")
     console.print(table)
     sizes = sorted({s for r in per_split for s in r["per_size_accuracy"]})
     per_size = {

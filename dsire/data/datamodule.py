@@ -62,6 +62,7 @@ class LoRAZooDataModule(pl.LightningDataModule):
         source: dict,
         split: dict,
         sizes: list[int] | None = None,
+        train_sizes: list[int] | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
         cache_dir: str | None = None,
@@ -69,7 +70,7 @@ class LoRAZooDataModule(pl.LightningDataModule):
         allow_torch_load: bool = False,
     ):
         super().__init__()
-        self.source, self.split_cfg, self.sizes = dict(source), dict(split), sizes
+        self.source, self.split_cfg, self.sizes, self.train_sizes = dict(source), dict(split), sizes, train_sizes
         self.batch_size, self.num_workers, self.allow_torch_load = batch_size, num_workers, allow_torch_load
         self.cache = SpectraCache(cache_dir, cache_settings or {}) if cache_dir else None
         self.entries: list[ZooEntry] = []

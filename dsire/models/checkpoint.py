@@ -1,7 +1,8 @@
 """DSiRe checkpoints: one safetensors file, tensors plus a JSON header, no pickled objects.
 
 Everything prediction needs is in it: per-voter index vectors, training labels, normaliser
-bounds, voter (layer/part) names, feature and vote settings, and recipe metadata from the zoo.
+bounds, voter (layer/part) names, feature and vote settings, the size regression and its
+calibration (held-out errors and distances), and recipe metadata from the zoo.
 Loading goes through the same bounded safetensors reader as LoRA files, and every field is
 checked, so a tampered or truncated checkpoint is refused with a clear error.
 """
@@ -11,15 +12,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from safetensors.torch import save_file
 
 from dsire.atomic import atomic_path
 from dsire.lora.files import read_safetensors
 from dsire.lora.model import LoRAError
+from dsire.models.calibration import Calibration
 from dsire.models.knn import KNNVote
 from dsire.models.module import DSiReModule
+from dsire.models.regression import SizeRegressor
 
-FORMAT = "dsire-checkpoint-v1"
+FORMAT = "dsire-checkpoint-v2"
 HEADER_KEY = "dsire_checkpoint"
 
 
@@ -30,12 +34,18 @@ class CheckpointError(LoRAError):
 def save_checkpoint(module: DSiReModule, path: str | Path) -> Path:
     path = Path(path)
     tensors, settings = module.knn.state()
+    regression_tensors, regression = module.regressor.state()
+    tensors |= regression_tensors
     header = {
         "format": FORMAT,
         "hparams": dict(module.hparams),
         "knn": settings,
+        "regression": regression,
         "metadata": module.metadata,
     }
+    if module.calibration is not None:
+        calibration_tensors, header["calibration"] = module.calibration.state()
+        tensors |= calibration_tensors
     with atomic_path(path) as tmp:
         save_file(
             {k: v.contiguous() for k, v in tensors.items()},
@@ -66,6 +76,12 @@ def load_checkpoint(path: str | Path, use_faiss_gpu: bool = True) -> DSiReModule
         hparams = dict(header["hparams"], use_faiss_gpu=use_faiss_gpu)
         module = DSiReModule(**hparams)
         module.knn = KNNVote.from_state(tensors, header["knn"], use_gpu=use_faiss_gpu)
+        module.regressor = SizeRegressor.from_state(tensors, header["regression"], voters)
+        coef, width = module.regressor.coef, sum(x.shape[1] for x in module.knn.vectors)
+        if coef.shape != (width,) or not np.isfinite(coef).all():
+            raise ValueError(f"regression coefficients have shape {tuple(coef.shape)}, expected ({width},)")
+        if "calibration" in header:
+            module.calibration = Calibration.from_state(tensors, header["calibration"])
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
         raise CheckpointError(path, f"not a valid DSiRe checkpoint ({type(exc).__name__}: {exc})") from exc
     module.metadata = dict(header.get("metadata", {}))

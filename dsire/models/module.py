@@ -20,8 +20,10 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from dsire.data.cache import SpectraCache
 from dsire.distributed import gather
+from dsire.models.calibration import Calibration, FitPredict, calibrate
 from dsire.models.features import FeatureSpec, stack
 from dsire.models.knn import KNNVote, Prediction
+from dsire.models.regression import SizeRegressor
 from dsire.spectra import batch_spectra
 
 
@@ -68,6 +70,17 @@ def gather_features(features: Features) -> Features:
     return ordered
 
 
+@dataclass
+class Estimate:
+    """Per LoRA: N as a number, its prediction interval, and whether it looks like another recipe."""
+
+    n: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    mismatch_p: np.ndarray  # conformal p-value of the nearest distance against held-out zoo LoRAs
+    mismatch: np.ndarray  # p < false_alarm: farther from the zoo than its own unseen concepts
+
+
 class DSiReModule(pl.LightningModule):
     _test: list[Features]
 
@@ -80,11 +93,16 @@ class DSiReModule(pl.LightningModule):
         normalisation: str = "global",
         spectra_dtype: str = "float32",
         use_faiss_gpu: bool = True,
+        coverage: float = 0.9,
+        false_alarm: float = 0.05,
+        calibration_folds: int = 5,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.spec = FeatureSpec(tuple(parts), num_sv)
-        self.knn = KNNVote(k, weighting, normalisation, use_gpu=use_faiss_gpu)
+        self.knn = self._new_knn()
+        self.regressor = SizeRegressor()
+        self.calibration: Calibration | None = None  # intervals and mismatch p-values; None below 2 concepts
         self.spectra_dtype = getattr(torch, spectra_dtype)
         self.cache: SpectraCache | None = None  # set by the runner to fill the cache on misses
         self.metadata: dict[str, str] = {}  # recipe facts saved with the checkpoint
@@ -132,11 +150,31 @@ class DSiReModule(pl.LightningModule):
         return self.featurize(batch)
 
     # --- fitting and prediction ---------------------------------------------------------------
+    def _new_knn(self) -> KNNVote:
+        h = self.hparams
+        return KNNVote(h.k, h.weighting, h.normalisation, use_gpu=h.use_faiss_gpu)
+
     def fit(self, features: Features) -> DSiReModule:
+        """The vote's indices, the size regression, and their calibration on held-out concepts."""
         if not features.keys:
             raise ValueError("no readable LoRAs to fit on")
         self.knn.fit(features.vectors, features.n)
+        self.regressor.fit(features.vectors, features.n)
+        h = self.hparams
+        self.calibration = calibrate(
+            features.concepts, features.n, self._held_out(features), h.calibration_folds, h.coverage, h.false_alarm
+        )
         return self
+
+    def _held_out(self, features: Features) -> FitPredict:
+        """Fit on some of `features`, predict the others: log N̂ and nearest distance, as for a new LoRA."""
+
+        def fit_predict(train: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            fit, test = features.select(train), features.select(held)
+            distance = self._new_knn().fit(fit.vectors, fit.n).predict(test.vectors).distance
+            return SizeRegressor().fit(fit.vectors, fit.n).predict_log(test.vectors), distance
+
+        return fit_predict
 
     def check_voters(self, features: Features) -> None:
         """A clear error when the LoRAs' layers are not the ones the model was fitted on."""
@@ -147,6 +185,16 @@ class DSiReModule(pl.LightningModule):
     def predict_features(self, features: Features) -> Prediction:
         self.check_voters(features)
         return self.knn.predict(features.vectors)
+
+    def estimate(self, features: Features, prediction: Prediction) -> Estimate:
+        """The regression estimate of N, its conformal interval, and the recipe-mismatch p-value."""
+        n = self.regressor.predict(features.vectors)
+        if self.calibration is None:
+            unknown = np.full_like(n, np.nan)
+            return Estimate(n, unknown, unknown, unknown, np.zeros(len(n), bool))
+        low, high = self.calibration.interval(n)
+        p = self.calibration.mismatch_p(prediction.distance)
+        return Estimate(n, low, high, p, p < self.calibration.false_alarm)
 
     # --- evaluation ---------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
@@ -161,7 +209,7 @@ class DSiReModule(pl.LightningModule):
         self.test_results = self._results(self.test_features)
 
     def _results(self, features: Features) -> dict:
-        """Metrics over a test set: accuracy, MAE, MAPE, per-size accuracy, confusion, per-voter."""
+        """Metrics over a test set: accuracy, MAE, MAPE, per-size accuracy, confusion, per-voter; regression."""
         if not features.keys:
             return {"errors": features.errors}
         prediction = self.predict_features(features)
@@ -185,7 +233,37 @@ class DSiReModule(pl.LightningModule):
             ),
             "predictions": list(zip(features.keys, truth.tolist(), predicted.tolist(), strict=True)),
             "errors": features.errors,
+        } | _estimate_metrics(features, predicted, self.estimate(features, prediction), self.knn.sizes)
+
+
+def _estimate_metrics(features: Features, predicted: np.ndarray, estimate: Estimate, sizes: np.ndarray) -> dict:
+    """Regression error, interval coverage and width, mismatch (false-alarm) rate; seen vs unseen sizes."""
+    truth = features.n
+    error = np.abs(estimate.n - truth)
+    inside = (estimate.low <= truth) & (truth <= estimate.high)
+    out = {
+        "regression_mae": float(error.mean()),
+        "estimates": [
+            [key, int(t), *(round(float(x), 4) for x in row)]
+            for key, t, *row in zip(
+                features.keys, truth, estimate.n, estimate.low, estimate.high, estimate.mismatch_p, strict=True
+            )
+        ],  # key, N, estimate, low, high, mismatch p
+    }
+    if np.isfinite(estimate.mismatch_p).all():
+        out |= {
+            "coverage": float(inside.mean()),
+            "interval_width": float((estimate.high - estimate.low).mean()),
+            "mismatch_rate": float(estimate.mismatch.mean()),
         }
+    seen = np.isin(truth, sizes)
+    if seen.any() and not seen.all():  # sizes absent from training: how well does the estimate interpolate?
+        out |= {
+            "mae_seen": float(np.abs(predicted - truth)[seen].mean()),
+            "regression_mae_unseen": float(error[~seen].mean()),
+            "coverage_unseen": float(inside[~seen].mean()),
+        }
+    return out
 
 
 def _mismatch(got: dict[str, int], expected: dict[str, int]) -> str | None:
