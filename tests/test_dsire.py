@@ -34,7 +34,7 @@ def brute_force(train: dict[str, np.ndarray], labels: np.ndarray, test: dict[str
 
 
 def random_features(rng: np.random.Generator, models: int, voters: int = 7, dim: int = 4) -> dict[str, np.ndarray]:
-    return {f"layer{v}/delta": rng.normal(size=(models, dim)).astype(np.float32) for v in range(voters)}
+    return {f"layer{v}/delta": np.abs(rng.normal(size=(models, dim))).astype(np.float32) for v in range(voters)}
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -29,7 +29,10 @@ class SizeRegressor:
         self.alpha = 0.0
 
     def _design(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        return np.concatenate([np.log(np.asarray(features[v], np.float64) + EPS) for v in self.voters], axis=1)
+        x = np.concatenate([np.asarray(features[v], np.float64) for v in self.voters], axis=1)
+        if (x < 0).any():
+            raise ValueError("size regression needs spectra or norms (non-negative features)")
+        return np.log(x + EPS)
 
     def fit(self, features: dict[str, np.ndarray], n: np.ndarray) -> SizeRegressor:
         self.voters = list(features)
