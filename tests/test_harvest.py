@@ -1,4 +1,4 @@
-"""`dsire harvest`, on kohya files whose metadata is written as kohya writes it."""
+"""`dsire harvest` and predict.py's claimed N, on kohya files whose metadata is written as kohya writes it."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FineTune
+from conftest import FineTune, make_finetune, tiny_unet
+from peft import LoraConfig
 
 from dsire.data.sources import ZooEntry, from_labels_dir
 from dsire.harvest import MANIFEST_COLUMNS, claimed_columns, harvest, write_manifest
 from dsire.lora.save import save_lora
+from dsire.predict import render
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def kohya_metadata(output_name: str, dirs: dict[str, tuple[int, int]], **overrides: str) -> dict[str, str]:
@@ -213,6 +217,43 @@ def test_claimed_columns(unet_finetune: FineTune, tmp_path):
         assert claimed_columns(path) == nothing
 
 
+ROWS = [
+    {
+        "file": "a.safetensors",
+        "predicted_n": 10,
+        "claimed_n": 12,
+        "claimed_images_with_repeats": 120,
+        "vote_share": 0.75,
+        "nearest_distance": 0.5,
+        "disagreeing_layers": "",
+    },
+    {
+        "file": "b.safetensors",
+        "predicted_n": 3,
+        "claimed_n": None,
+        "claimed_images_with_repeats": None,
+        "vote_share": 1.0,
+        "nearest_distance": 0.25,
+        "disagreeing_layers": "",
+    },
+]
+
+
+def test_render_shows_claimed_next_to_predicted(capsys, monkeypatch):
+    assert render(ROWS, {}, "csv") == (
+        "file,predicted_n,claimed_n,claimed_images_with_repeats,vote_share,nearest_distance,disagreeing_layers\n"
+        "a.safetensors,10,12,120,0.75,0.5,\n"
+        "b.safetensors,3,,,1.0,0.25,\n"
+    )
+    assert json.loads(render(ROWS, {}, "json") or "")["predictions"][1]["claimed_n"] is None
+    monkeypatch.setenv("COLUMNS", "200")
+    assert render(ROWS, {}, "table") is None
+    table = capsys.readouterr().out
+    assert "claimed N (×repeats)" in table
+    a_line = next(line for line in table.splitlines() if "a.safetensors" in line)
+    assert [cell.strip() for cell in a_line.split("│")[1:5]] == ["a.safetensors", "10", "12 (120)", "0.75"]
+
+
 def test_harvest_cli(unet_finetune: FineTune, tmp_path):
     zoo = tmp_path / "zoo"
     write(unet_finetune, zoo / "cat.safetensors", kohya_metadata("cat", {"10_cat": (12, 10)}))
@@ -241,6 +282,53 @@ def test_harvest_cli(unet_finetune: FineTune, tmp_path):
     assert result.returncode == 1
     assert "0 labelled, 1 skipped" in result.stdout and "nothing written" in result.stderr
     assert not (tmp_path / "out.csv").exists()
+
+
+def run_script(script: str, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_harvested_folder_trains_and_predict_shows_claimed_n(tmp_path):
+    """kohya files → `dsire harvest` → `train.py data=labels_dir` → `predict.py` with claimed_n."""
+    zoo = tmp_path / "zoo"
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"])
+    claimed = {}
+    for c in range(4):
+        for n in (1, 3, 6):
+            finetune = make_finetune(tiny_unet(), config, "unet", seed=10 * c + n)
+            metadata = kohya_metadata(f"concept{c}", {f"10_concept{c}": (n, 10)})
+            path = write(finetune, zoo / f"concept{c}_n{n}.safetensors", metadata)
+            claimed[str(path)] = n
+    unlabelled = write(make_finetune(tiny_unet(), config, "unet", seed=99), zoo / "unlabelled.safetensors")
+    claimed[str(unlabelled)] = None
+
+    harvested = run_dsire("harvest", str(zoo))
+    assert harvested.returncode == 0, harvested.stderr
+    assert "12 labelled, 1 skipped" in harvested.stdout
+
+    out = tmp_path / "run"
+    trained = run_script(
+        "train.py",
+        "data=labels_dir",
+        f"data.source.path={zoo}",
+        "data.source.labels=harvest.csv",
+        "data.split.folds=2",
+        "logger=csv",
+        f"hydra.run.dir={out}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    splits = json.loads((out / "metrics.json").read_text())["splits"]
+    assert sum(len(split["predictions"]) for split in splits) == 12
+
+    predicted = run_script("predict.py", f"ckpt={out / 'dsire.safetensors'}", f"lora={zoo}", "output=json")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    rows = json.loads(predicted.stdout)["predictions"]
+    assert {row["file"]: row["claimed_n"] for row in rows} == claimed
+    assert all(list(row)[:3] == ["file", "predicted_n", "claimed_n"] for row in rows)
+    assert {row["predicted_n"] for row in rows} <= {1, 3, 6}
 
 
 def test_unknown_concept_source(tmp_path):
