@@ -108,9 +108,9 @@ def read_claim(metadata: Mapping[str, str]) -> Claim:
         raise LabelError(f"ss_dataset_dirs is {_show(listed)}, not a non-empty JSON object")
     dirs: dict[str, tuple[int, int]] = {}  # name: (img_count, n_repeats)
     for name, info in listed.items():
-        if not isinstance(info, dict):
-            raise LabelError(f"ss_dataset_dirs[{_show(name)}] is {_show(info)}, not an object")
         what = f"ss_dataset_dirs[{_show(name)}]"
+        if not isinstance(info, dict):
+            raise LabelError(f"{what} is {_show(info)}, not an object")
         dirs[name] = (
             _count(info.get("img_count"), f"{what}.img_count", MAX_IMAGES),
             _count(info.get("n_repeats"), f"{what}.n_repeats", MAX_REPEATS),
