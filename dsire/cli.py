@@ -1,16 +1,19 @@
-"""`dsire` command line: `dsire inspect FILE [--json]`."""
+"""`dsire` command line: `dsire inspect FILE [--json]`, `dsire harvest DIR [--out CSV]`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from dsire.harvest import CONCEPT_SOURCES, harvest, write_manifest
 from dsire.lora import FORMATS, LoRA, LoRAError, load_lora
 from dsire.lora.family import guess_base_model
 from dsire.spectra import Spectra, lora_spectra
@@ -81,6 +84,31 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _harvest(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    if not root.is_dir():
+        print(f"error: {root}: not a directory", file=sys.stderr)
+        return 1
+    result = harvest(root, recursive=args.recursive, concept_from=args.concept_from)
+    for file, reason in result.skipped.items():
+        print(f"skipped {file}: {reason}")
+    print(f"{len(result.rows)} labelled, {len(result.skipped)} skipped")
+    if not result.rows:
+        print(f"error: no LoRA in {root} claims a usable training-set size; nothing written", file=sys.stderr)
+        return 1
+    print("LoRAs per dataset size:")
+    for n, count in sorted(Counter(row["n"] for row in result.rows).items()):
+        print(f"  n={n}: {count}")
+    out = Path(args.out) if args.out else root / "harvest.csv"
+    try:
+        write_manifest(result.rows, out)
+    except OSError as exc:
+        print(f"error: {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsire", description="What data went into this fine-tuned model?")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="read .ckpt/.pt/.bin files with torch.load(weights_only=True) (pickle-based: untrusted files are a risk)",
     )
     inspect.set_defaults(run=_inspect)
+    harvest_command = commands.add_parser(
+        "harvest", help="label a folder of kohya LoRAs with the image counts in their metadata (a zoo to train on)"
+    )
+    harvest_command.add_argument("dir", help="folder of .safetensors LoRAs")
+    harvest_command.add_argument("--out", help="CSV to write (default: DIR/harvest.csv); its paths are relative to DIR")
+    harvest_command.add_argument("--recursive", action="store_true", help="also read the folders below DIR")
+    harvest_command.add_argument(
+        "--concept-from",
+        default="output_name",
+        choices=CONCEPT_SOURCES,
+        help="group kept on one side of a split: the run's ss_output_name (default) or the file's folder",
+    )
+    harvest_command.set_defaults(run=_harvest)
     return parser
 
 

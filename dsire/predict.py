@@ -1,9 +1,9 @@
 """`predict.py`'s job: how many images was each LoRA trained on, according to a fitted model.
 
-Prints one row per LoRA (table, JSON or CSV): predicted N, the share of the vote it won, the mean
-distance to the nearest zoo LoRA over voters, and the layers whose own vote disagreed. Files that
-cannot be read, or whose layers do not match the model's, are reported and skipped; the exit code
-is then non-zero.
+Prints one row per LoRA (table, JSON or CSV): predicted N, the N its kohya metadata claims (if any),
+the share of the vote it won, the mean distance to the nearest zoo LoRA over voters, and the layers
+whose own vote disagreed. Files that cannot be read, or whose layers do not match the model's, are
+reported and skipped; the exit code is then non-zero.
 """
 
 from __future__ import annotations
@@ -23,12 +23,21 @@ from torch.utils.data import DataLoader
 
 from dsire.data.datamodule import ZooDataset, as_list
 from dsire.data.sources import ZooEntry
+from dsire.harvest import claimed_columns
 from dsire.lora.files import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
 from dsire.lora.load import PEFT_CONFIG
 from dsire.models.checkpoint import load_checkpoint
 from dsire.models.module import Features
 
-COLUMNS = ("file", "predicted_n", "vote_share", "nearest_distance", "disagreeing_layers")
+COLUMNS = (
+    "file",
+    "predicted_n",
+    "claimed_n",  # distinct images in the file's kohya metadata (see dsire.harvest); empty without it
+    "claimed_images_with_repeats",
+    "vote_share",
+    "nearest_distance",
+    "disagreeing_layers",
+)
 
 
 def collect_inputs(path: str | Path, allow_torch_load: bool) -> list[ZooEntry]:
@@ -67,12 +76,20 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict[str, str]]:
                 {
                     "file": key,
                     "predicted_n": n,
+                    **claimed_columns(key),
                     "vote_share": round(float(prediction.share[i]), 4),
                     "nearest_distance": round(float(prediction.distance[i]), 6),
                     "disagreeing_layers": _disagreeing(prediction.voter_labels[i], module.knn.voters, n),
                 }
             )
     return rows, features.errors
+
+
+def _claimed_text(n: int | None, with_repeats: int | None) -> str:
+    """`12 (120)`, `12`, `? (120)`, or "" when the file claims nothing."""
+    if with_repeats is None:
+        return "" if n is None else str(n)
+    return f"{'?' if n is None else n} ({with_repeats})"
 
 
 def render(rows: list[dict], errors: dict[str, str], output: str) -> str | None:
@@ -87,13 +104,14 @@ def render(rows: list[dict], errors: dict[str, str], output: str) -> str | None:
         return buffer.getvalue()
     table = Table(title="How many images was each LoRA trained on?")
     table.add_column("file", overflow="fold")
-    for column in ("predicted N", "vote share", "nearest distance"):
+    for column in ("predicted N", "claimed N (×repeats)", "vote share", "nearest distance"):
         table.add_column(column, no_wrap=True)
     table.add_column("disagreeing layers (voters)", overflow="fold")
     for row in rows:
         table.add_row(
             row["file"],
             str(row["predicted_n"]),
+            _claimed_text(row["claimed_n"], row["claimed_images_with_repeats"]),
             f"{row['vote_share']:.2f}",
             f"{row['nearest_distance']:.4g}",
             row["disagreeing_layers"] or "none",

@@ -68,7 +68,7 @@ def _read_safetensors_header(path: Path, size: int, limits: Limits) -> dict:
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 5000-digit number, absurd nesting
         raise LoRAError(path, f"malformed safetensors header ({exc})") from exc
     if not isinstance(header, dict):
         raise LoRAError(path, "malformed safetensors header (not a JSON object)")
@@ -120,6 +120,19 @@ def read_safetensors(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[dict[
     if not isinstance(header.get("__metadata__", {}), dict):
         raise LoRAError(path, "malformed safetensors metadata")
     return tensors, metadata
+
+
+def read_safetensors_metadata(path: Path, limits: Limits = DEFAULT_LIMITS) -> dict[str, str]:
+    """Only the `__metadata__` strings of a safetensors file: its checked header, no tensor data.
+
+    For tools that list many files by what they claim (e.g. `dsire harvest`), where reading every
+    tensor would be slow and pointless.
+    """
+    header = _read_safetensors_header(path, check_size(path, limits), limits)
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise LoRAError(path, "malformed safetensors metadata (not an object of strings)")
+    return metadata
 
 
 def read_torch(path: Path, allow_torch_load: bool, limits: Limits = DEFAULT_LIMITS) -> dict[str, torch.Tensor]:
