@@ -26,3 +26,4 @@ test: $(BIN)/dsire
 bench: $(BIN)/dsire
 	$(BIN)/python -m benchmarks.spectra
 	$(BIN)/python -m benchmarks.zoo
+	$(BIN)/python -m benchmarks.size_regression

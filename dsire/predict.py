@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
@@ -34,8 +35,14 @@ COLUMNS = (
     "predicted_n",
     "claimed_n",  # distinct images in the file's kohya metadata (see dsire.harvest); empty without it
     "claimed_images_with_repeats",
+    "estimated_n",  # the size regression: N as a number, with its conformal interval
+    "interval_low",
+    "interval_high",
+    "mismatch_p",  # small: the LoRA sits farther from the zoo than the zoo's own unseen concepts
+    "recipe_mismatch",
     "vote_share",
     "nearest_distance",
+    "disagreeing_voters",  # how many of the model's voters voted for another N
     "disagreeing_layers",
 )
 
@@ -70,6 +77,7 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict[str, str]]:
     rows = []
     if features.keys:
         prediction = module.predict_features(features)
+        estimate = module.estimate(features, prediction)
         for i, key in enumerate(features.keys):
             n = int(prediction.n[i])
             rows.append(
@@ -77,12 +85,36 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict[str, str]]:
                     "file": key,
                     "predicted_n": n,
                     **claimed_columns(key),
+                    "estimated_n": _number(estimate.n[i], 2),
+                    "interval_low": _number(estimate.low[i], 2),
+                    "interval_high": _number(estimate.high[i], 2),
+                    "mismatch_p": _number(estimate.mismatch_p[i], 4),
+                    "recipe_mismatch": bool(estimate.mismatch[i]),
                     "vote_share": round(float(prediction.share[i]), 4),
                     "nearest_distance": round(float(prediction.distance[i]), 6),
+                    "disagreeing_voters": int((prediction.voter_labels[i] != n).sum()),
                     "disagreeing_layers": _disagreeing(prediction.voter_labels[i], module.knn.voters, n),
                 }
             )
     return rows, features.errors
+
+
+def _number(value: float, digits: int) -> float | None:
+    """Rounded, or None where the model has no calibration (too few concepts) or the bound is infinite."""
+    return round(float(value), digits) if np.isfinite(value) else None
+
+
+def _estimate_text(row: dict) -> str:
+    """`4.2 [2.1, 8.4]`; an unknown bound shows as `?`."""
+    low, high = (f"{row[k]:.3g}" if row[k] is not None else "?" for k in ("interval_low", "interval_high"))
+    return f"{row['estimated_n']:.3g} [{low}, {high}]"
+
+
+def _mismatch_text(row: dict) -> str:
+    """`0.412`, or `0.010 (!)` when flagged; `?` without calibration."""
+    if row["mismatch_p"] is None:
+        return "?"
+    return f"{row['mismatch_p']:.3f}" + (" (!)" if row["recipe_mismatch"] else "")
 
 
 def _claimed_text(n: int | None, with_repeats: int | None) -> str:
@@ -103,18 +135,20 @@ def render(rows: list[dict], errors: dict[str, str], output: str) -> str | None:
         writer.writerows(rows)
         return buffer.getvalue()
     table = Table(title="How many images was each LoRA trained on?")
-    table.add_column("file", overflow="fold")
-    for column in ("predicted N", "claimed N (×repeats)", "vote share", "nearest distance"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("disagreeing layers (voters)", overflow="fold")
+    table.add_column("file", overflow="fold", min_width=16)
+    for column in ("N", "claimed N (×repeats)", "estimate [interval]", "mismatch p", "vote share", "nearest distance"):
+        table.add_column(column, overflow="fold")
+    table.add_column("disagreeing voters", overflow="fold")  # which ones: output=json or csv
     for row in rows:
         table.add_row(
             row["file"],
             str(row["predicted_n"]),
             _claimed_text(row["claimed_n"], row["claimed_images_with_repeats"]),
+            _estimate_text(row),
+            _mismatch_text(row),
             f"{row['vote_share']:.2f}",
             f"{row['nearest_distance']:.4g}",
-            row["disagreeing_layers"] or "none",
+            str(row["disagreeing_voters"]),
         )
     Console().print(table)
     return None
@@ -130,4 +164,7 @@ def run(cfg: DictConfig) -> int:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
     for key, problem in errors.items():
         print(f"error: {key}: {problem}", file=sys.stderr)
+    flagged = sum(row["recipe_mismatch"] for row in rows)
+    if flagged:
+        print(f"warning: {flagged} of {len(rows)} LoRAs look like another recipe than the zoo's", file=sys.stderr)
     return 1 if errors else 0

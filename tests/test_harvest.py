@@ -223,8 +223,14 @@ ROWS = [
         "predicted_n": 10,
         "claimed_n": 12,
         "claimed_images_with_repeats": 120,
+        "estimated_n": 9.5,
+        "interval_low": 5.0,
+        "interval_high": 18.0,
+        "mismatch_p": 0.5,
+        "recipe_mismatch": False,
         "vote_share": 0.75,
         "nearest_distance": 0.5,
+        "disagreeing_voters": 0,
         "disagreeing_layers": "",
     },
     {
@@ -232,18 +238,25 @@ ROWS = [
         "predicted_n": 3,
         "claimed_n": None,
         "claimed_images_with_repeats": None,
+        "estimated_n": 3.2,
+        "interval_low": 1.5,
+        "interval_high": None,
+        "mismatch_p": 0.01,
+        "recipe_mismatch": True,
         "vote_share": 1.0,
         "nearest_distance": 0.25,
-        "disagreeing_layers": "",
+        "disagreeing_voters": 2,
+        "disagreeing_layers": "unet.a (2)",
     },
 ]
 
 
 def test_render_shows_claimed_next_to_predicted(capsys, monkeypatch):
     assert render(ROWS, {}, "csv") == (
-        "file,predicted_n,claimed_n,claimed_images_with_repeats,vote_share,nearest_distance,disagreeing_layers\n"
-        "a.safetensors,10,12,120,0.75,0.5,\n"
-        "b.safetensors,3,,,1.0,0.25,\n"
+        "file,predicted_n,claimed_n,claimed_images_with_repeats,estimated_n,interval_low,interval_high,mismatch_p,"
+        "recipe_mismatch,vote_share,nearest_distance,disagreeing_voters,disagreeing_layers\n"
+        "a.safetensors,10,12,120,9.5,5.0,18.0,0.5,False,0.75,0.5,0,\n"
+        "b.safetensors,3,,,3.2,1.5,,0.01,True,1.0,0.25,2,unet.a (2)\n"
     )
     assert json.loads(render(ROWS, {}, "json") or "")["predictions"][1]["claimed_n"] is None
     monkeypatch.setenv("COLUMNS", "200")
@@ -251,7 +264,18 @@ def test_render_shows_claimed_next_to_predicted(capsys, monkeypatch):
     table = capsys.readouterr().out
     assert "claimed N (×repeats)" in table
     a_line = next(line for line in table.splitlines() if "a.safetensors" in line)
-    assert [cell.strip() for cell in a_line.split("│")[1:5]] == ["a.safetensors", "10", "12 (120)", "0.75"]
+    b_line = next(line for line in table.splitlines() if "b.safetensors" in line)
+    assert [cell.strip() for cell in a_line.split("│")[1:9]] == [
+        "a.safetensors",
+        "10",
+        "12 (120)",
+        "9.5 [5, 18]",
+        "0.500",
+        "0.75",
+        "0.5",
+        "0",
+    ]
+    assert [cell.strip() for cell in b_line.split("│")[4:6]] == ["3.2 [1.5, ?]", "0.010 (!)"]
 
 
 def test_harvest_cli(unet_finetune: FineTune, tmp_path):

@@ -131,3 +131,25 @@ def test_lorawise_parquet_trains(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["splits"]) == 2
     assert sum(len(s["predictions"]) for s in metrics["splits"]) == 12
+
+
+def test_unseen_sizes_experiment(tmp_path):
+    """Fit on N ∈ {1,3,5}, test on all N: on 2, 4, 6 no classifier over {1,3,5} can err by less than 1."""
+    result = run("train.py", "+experiment=unseen_sizes", "logger=csv", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "metrics.json").read_text())["summary"]
+    assert summary["regression_mae_unseen_mean"] < 1.0
+    assert abs(summary["coverage_unseen_mean"] - 0.9) <= 0.05
+    assert summary["mae_seen_mean"] < summary["mae_mean"]  # the classifier is fine on the sizes it knows
+
+
+@pytest.mark.parametrize(("folder", "flagged"), [("in_recipe", (0, 1)), ("lr_3x", (12, 12)), ("steps_2x", (12, 12))])
+def test_recipe_mismatch_flags(trained: Path, folder: str, flagged: tuple[int, int]):
+    """New concepts from the zoo's recipe pass (false-alarm rate 5%); 3x the learning rate or 2x the steps
+    are flagged, every one (data/zoo_check, made by `python -m dsire.zoo`: see the README)."""
+    ckpt = trained / "dsire.safetensors"
+    result = run("predict.py", f"ckpt={ckpt}", f"lora={ROOT / 'data' / 'zoo_check' / folder}", "output=json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(result.stdout)["predictions"]
+    assert len(rows) == 12
+    assert flagged[0] <= sum(row["recipe_mismatch"] for row in rows) <= flagged[1]
