@@ -118,3 +118,20 @@ def test_checkpoint_round_trip_and_tampering(tmp_path):
     tampered.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + header_len :])
     with pytest.raises(CheckpointError, match="not a valid DSiRe checkpoint"):
         load_checkpoint(tampered)
+
+
+def test_approximate_index_options_round_trip(tmp_path):
+    """IVF probing every list is exact: same votes as Flat; the index choice survives the checkpoint."""
+    rng = np.random.default_rng(7)
+    train, test = random_features(rng, 200), random_features(rng, 30)
+    labels = rng.integers(1, 7, size=200)
+    fit = Features(vectors=train, n=labels, keys=[str(i) for i in range(200)])
+    query = Features(vectors=test, n=np.zeros(30, int), keys=[str(i) for i in range(30)])
+    exact = DSiReModule().fit(fit).predict_features(query)
+    ivf = DSiReModule(index="IVF4,Flat", index_search="nprobe=4").fit(fit)
+    assert ivf.predict_features(query).n.tolist() == exact.n.tolist()
+    loaded = load_checkpoint(save_checkpoint(ivf, tmp_path / "ivf.safetensors"))
+    assert (loaded.knn.index, loaded.knn.search) == ("IVF4,Flat", "nprobe=4")
+    assert loaded.predict_features(query).n.tolist() == exact.n.tolist()
+    hnsw = DSiReModule(index="HNSW16", index_search="efSearch=64").fit(fit).predict_features(query)
+    assert np.mean(hnsw.n == exact.n) >= 0.9  # approximate: recall is measured in benchmarks/

@@ -1,7 +1,8 @@
 """Per-voter nearest-neighbour retrieval and the vote: the heart of DSiRe.
 
 A *voter* is one (layer, part) feature: e.g. the singular values of ΔW of one layer. Each voter has
-its own FAISS index over the training LoRAs; a new LoRA gets one vote per voter (its nearest
+its own FAISS index over the training LoRAs (exact `Flat` by default; HNSW or IVF for very large zoos,
+see benchmarks/README.md for their recall); a new LoRA gets one vote per voter (its nearest
 neighbour's N, or k weighted votes) and the majority wins.
 
 Tie rule (deterministic): among tied N, the one whose supporting votes have the smallest summed
@@ -28,21 +29,37 @@ class Prediction:
     voter_labels: np.ndarray  # [Q, V] each voter's 1-NN label
 
 
-def _index(vectors: np.ndarray, use_gpu: bool) -> faiss.Index:
-    index = faiss.IndexFlatL2(vectors.shape[1])
-    if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+def _index(vectors: np.ndarray, factory: str, search: str, use_gpu: bool) -> faiss.Index:
+    """A FAISS index from its factory string ("Flat": exact; "HNSW32", "IVF256,Flat": approximate)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.index_factory(vectors.shape[1], factory)
+    on_gpu = not factory.startswith("HNSW")  # FAISS has no GPU HNSW
+    if use_gpu and on_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_all_gpus(index)
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
+    if search:
+        faiss.ParameterSpace().set_index_parameters(index, search)
     return index
 
 
 class KNNVote:
     """Fit: normalise (min-max, global or per voter) and index; predict: k-NN votes per voter, majority."""
 
-    def __init__(self, k: int = 1, weighting: str = "uniform", normalisation: str = "global", use_gpu: bool = False):
+    def __init__(
+        self,
+        k: int = 1,
+        weighting: str = "uniform",
+        normalisation: str = "global",
+        use_gpu: bool = False,
+        index: str = "Flat",
+        search: str = "",
+    ):
         if weighting not in WEIGHTINGS or normalisation not in NORMALISATIONS or k < 1:
             raise ValueError(f"k >= 1, weighting in {WEIGHTINGS}, normalisation in {NORMALISATIONS}")
         self.k, self.weighting, self.normalisation, self.use_gpu = k, weighting, normalisation, use_gpu
+        self.index, self.search = index, search  # FAISS factory string and search parameters
         self.voters: list[str] = []
         self.vectors: list[np.ndarray] = []
         self.labels = np.zeros(0, dtype=np.int64)
@@ -69,7 +86,7 @@ class KNNVote:
         return (x - self.low[voter]) / (span if span > 0 else 1.0)
 
     def _build(self) -> None:
-        self._indices = [_index(v, self.use_gpu) for v in self.vectors]
+        self._indices = [_index(v, self.index, self.search, self.use_gpu) for v in self.vectors]
 
     def dims(self) -> dict[str, int]:
         """{voter: feature size} of a fitted model; empty before `fit`."""
@@ -123,13 +140,16 @@ class KNNVote:
             "k": self.k,
             "weighting": self.weighting,
             "normalisation": self.normalisation,
+            "index": self.index,
+            "search": self.search,
             "voters": self.voters,
         }
         return tensors, settings
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], settings: dict, use_gpu: bool = False) -> KNNVote:
-        model = cls(settings["k"], settings["weighting"], settings["normalisation"], use_gpu)
+        options = [settings[key] for key in ("k", "weighting", "normalisation")]
+        model = cls(*options, use_gpu=use_gpu, index=settings["index"], search=settings["search"])
         model.voters = list(settings["voters"])
         model.vectors = [tensors[f"voter.{i}"].numpy() for i in range(len(model.voters))]
         model.labels = tensors["labels"].numpy()

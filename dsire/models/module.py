@@ -93,6 +93,8 @@ class DSiReModule(pl.LightningModule):
         normalisation: str = "global",
         spectra_dtype: str = "float32",
         use_faiss_gpu: bool = True,
+        index: str = "Flat",
+        index_search: str = "",
         coverage: float = 0.9,
         false_alarm: float = 0.05,
         calibration_folds: int = 5,
@@ -152,7 +154,7 @@ class DSiReModule(pl.LightningModule):
     # --- fitting and prediction ---------------------------------------------------------------
     def _new_knn(self) -> KNNVote:
         h = self.hparams
-        return KNNVote(h.k, h.weighting, h.normalisation, use_gpu=h.use_faiss_gpu)
+        return KNNVote(h.k, h.weighting, h.normalisation, h.use_faiss_gpu, h.index, h.index_search)
 
     def fit(self, features: Features) -> DSiReModule:
         """The vote's indices, the size regression, and their calibration on held-out concepts."""
