@@ -80,6 +80,14 @@ def test_mismatch_flags_another_recipe_and_spares_this_one():
     assert flagged["same"] <= 0.08 and flagged["other"] >= 0.9
 
 
+def test_calibration_predicts_at_most_max_points():
+    rng = np.random.default_rng(4)
+    zoo = synthetic_zoo(rng, 10)
+    module = DSiReModule(calibration_points=7).fit(zoo)
+    assert len(module.calibration.errors) == len(module.calibration.distances) == 7
+    assert len(DSiReModule().fit(zoo).calibration.errors) == len(zoo.keys)
+
+
 def test_calibration_needs_two_concepts():
     assert calibrate(["a", "a"], np.array([1, 2]), lambda train, held: (None, None), 5, 0.9, 0.05) is None
 

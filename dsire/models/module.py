@@ -98,6 +98,7 @@ class DSiReModule(pl.LightningModule):
         coverage: float = 0.9,
         false_alarm: float = 0.05,
         calibration_folds: int = 5,
+        calibration_points: int = 2000,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -164,7 +165,13 @@ class DSiReModule(pl.LightningModule):
         self.regressor.fit(features.vectors, features.n)
         h = self.hparams
         self.calibration = calibrate(
-            features.concepts, features.n, self._held_out(features), h.calibration_folds, h.coverage, h.false_alarm
+            features.concepts,
+            features.n,
+            self._held_out(features),
+            h.calibration_folds,
+            h.coverage,
+            h.false_alarm,
+            h.calibration_points,
         )
         return self
 
