@@ -1,7 +1,6 @@
 """Featurisation speed: exact QR-core spectra vs the paper's `torch.svd_lowrank` on dense ΔW.
 
-Generates LoRAs with the attention shapes of Stable Diffusion 1.5 (16 transformer blocks,
-to_q/k/v/out of attn1 and attn2, widths 320/640/1280, cross-attention 768), times both methods
+Generates LoRAs with the attention shapes of Stable Diffusion 1.5 (`benchmarks.synthetic`), times both methods
 on the same LoRAs, measures the reference's error against float64 exact values, and writes the
 figures to benchmarks/README.md.
 
@@ -18,53 +17,16 @@ import time
 import torch
 
 from benchmarks.report import write_section
-from dsire.lora import LoRA, LoRALayer
+from benchmarks.synthetic import random_lora
+from dsire.lora import LoRA
 from dsire.spectra import lora_spectra
-
-# (diffusers path, width) of the 16 attention blocks of the SD 1.5 UNet, one transformer block each
-SD15_BLOCKS = [
-    *[(f"down_blocks.{b}.attentions.{a}", w) for b, w in enumerate((320, 640, 1280)) for a in range(2)],
-    ("mid_block.attentions.0", 1280),
-    *[(f"up_blocks.{b}.attentions.{a}", w) for b, w in ((1, 1280), (2, 640), (3, 320)) for a in range(3)],
-]
-CROSS_DIM = 768
-
-
-def sd15_shapes() -> dict[str, tuple[int, int]]:
-    """{layer name: (out, in)} of the 128 attention projections LoRA-WiSE adapts."""
-    shapes = {}
-    for block, width in SD15_BLOCKS:
-        for attn, context in (("attn1", width), ("attn2", CROSS_DIM)):
-            prefix = f"unet.{block}.transformer_blocks.0.{attn}"
-            shapes |= {
-                f"{prefix}.to_q": (width, width),
-                f"{prefix}.to_k": (width, context),
-                f"{prefix}.to_v": (width, context),
-                f"{prefix}.to_out.0": (width, width),
-            }
-    return shapes
-
-
-def random_lora(rank: int, seed: int) -> LoRA:
-    g = torch.Generator().manual_seed(seed)
-    layers = {
-        name: LoRALayer(
-            down=torch.randn(rank, inp, generator=g) / inp**0.5,
-            up=torch.randn(out, rank, generator=g) * 0.01,
-            alpha=float(rank),
-            scale=1.0,
-            alpha_given=True,
-        )
-        for name, (out, inp) in sd15_shapes().items()
-    }
-    return LoRA(source=f"synthetic-{seed}", format="synthetic", layers=layers)
 
 
 def reference_spectra(lora: LoRA) -> dict[str, torch.Tensor]:
     """The paper's code: the dense product, then a randomised low-rank SVD with q = rank."""
     result = {}
     for name, layer in lora.layers.items():
-        delta = layer.scale * (layer.up @ layer.down)
+        delta = layer.scale * (layer.up.float() @ layer.down.float())
         _, s, _ = torch.svd_lowrank(delta, q=layer.rank)
         result[name] = s
     return result

@@ -1,0 +1,119 @@
+"""Featurisation throughput on SD 1.5-shaped LoRA files, side by side with raw reads and the paper's way.
+
+    python -m benchmarks.featurise [--loras 96] [--paper-loras 12] [--dir .cache/bench/sd15]
+
+On the same kohya files (rank 32, float16, `benchmarks.synthetic`), one run measures:
+- read: `safetensors` load of every tensor plus a sum (bytes off the disk, no math): the ceiling;
+- dsire: what `train.py` does without a spectra cache: `LoRAZooDataModule` batches, the bounded
+  reader with its checks and canonical names, batched QR-core spectra in `DSiReModule.predict_step`;
+- paper: `load_lora`, then `torch.svd_lowrank` of each dense ΔW (the paper's code path).
+Each is timed cold (the files evicted from the page cache first, with `posix_fadvise`) and, for
+read and dsire, warm (straight after). Figures go to benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from safetensors.torch import load_file
+
+from benchmarks.report import write_section
+from benchmarks.spectra import reference_spectra
+from benchmarks.synthetic import write_zoo
+from dsire.data.datamodule import LoRAZooDataModule
+from dsire.lora import load_lora
+from dsire.models.module import DSiReModule
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the files from the page cache so the next read comes from the disk."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_and_sum(files: list[Path], directory: Path) -> None:
+    for path in files:
+        sum(float(t.float().sum()) for t in load_file(str(path)).values())
+
+
+def dsire_featurise(files: list[Path], directory: Path) -> None:
+    split = {"protocol": "kfold", "folds": 2, "n_train": 1, "repeats": 1, "seed": 0}
+    datamodule = LoRAZooDataModule({"kind": "manifest", "path": str(directory)}, split)
+    datamodule.setup()
+    datamodule.entries = datamodule.entries[: len(files)]
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    features = trainer.predict(DSiReModule(), datamodule.predict_dataloader())
+    assert sum(len(f.keys) for f in features) == len(files)
+
+
+def paper(files: list[Path], directory: Path) -> None:
+    for path in files:
+        reference_spectra(load_lora(path))
+
+
+def timed(fn: Callable, files: list[Path], directory: Path, cold: bool) -> float:
+    if cold:
+        evict(files)
+    start = time.perf_counter()
+    fn(files, directory)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loras", type=int, default=96)
+    parser.add_argument("--paper-loras", type=int, default=12)
+    parser.add_argument("--dir", type=Path, default=Path(".cache/bench/sd15"))
+    args = parser.parse_args()
+    files = write_zoo(args.dir, args.loras)
+    megabytes = sum(p.stat().st_size for p in files) / 1e6
+    subset = files[: args.paper_loras]
+    subset_mb = sum(p.stat().st_size for p in subset) / 1e6
+    dsire_featurise(files[:2], args.dir)  # imports and first-call costs out of the way
+
+    runs = [  # name, files, megabytes, seconds
+        ("read + sum", files, megabytes, timed(read_and_sum, files, args.dir, cold=True)),
+        ("dsire featurisation", files, megabytes, timed(dsire_featurise, files, args.dir, cold=True)),
+        ("paper: svd_lowrank of dense ΔW", subset, subset_mb, timed(paper, subset, args.dir, cold=True)),
+        ("read + sum (warm)", files, megabytes, timed(read_and_sum, files, args.dir, cold=False)),
+        ("dsire featurisation (warm)", files, megabytes, timed(dsire_featurise, files, args.dir, cold=False)),
+    ]
+    rate = {name: (len(f) / s, mb / s) for name, f, mb, s in runs}
+    read, ours, theirs = (rate[n] for n in ("read + sum", "dsire featurisation", "paper: svd_lowrank of dense ΔW"))
+    command = " ".join(["python -m benchmarks.featurise", *sys.argv[1:]])
+    lines = [
+        "## Featurisation throughput: dsire vs raw reads vs the paper",
+        "",
+        f"`{command}` on {platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads,"
+        f" torch {torch.__version__}, no GPU. {len(files)} synthetic SD 1.5 LoRAs (128 attention layers,"
+        f" rank 32, kohya float16, {megabytes / len(files):.1f} MB each); the paper's way on the first {len(subset)}."
+        " Cold: files evicted from the page cache before the pass.",
+        "",
+        "| pass (cold unless marked) | LoRAs | seconds | LoRAs/s | MB/s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *(f"| {n} | {len(f)} | {s:.1f} | {rate[n][0]:.1f} | {rate[n][1]:.0f} |" for n, f, _, s in runs),
+        "",
+        f"dsire / raw read: **{ours[1] / read[1]:.0%}** cold, "
+        f"**{rate['dsire featurisation (warm)'][1] / rate['read + sum (warm)'][1]:.0%}** warm (goal ≥ 50%). "
+        f"dsire / paper: **{ours[0] / theirs[0]:.1f}×** (goal ≥ 10×).",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    write_section("featurise", table)
+
+
+if __name__ == "__main__":
+    main()
