@@ -128,7 +128,7 @@ def from_parquet_files(files: list[str | Path], rank: int | None = None) -> list
     for file in sorted(map(Path, files)):
         try:
             table = pq.read_table(file, columns=[LABEL_COLUMN, CONCEPT_COLUMN])
-        except (pa.ArrowException, OSError) as exc:
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
             raise LoRAError(file, f"cannot read the label columns ({exc})") from exc
         file_rank = rank if rank is not None else subset_rank(file)
         for row, (n, concept) in enumerate(
