@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,7 +141,12 @@ def test_fifo_and_device_are_refused_without_reading(tmp_path):
                 cache.get(ZooEntry(str(path), n=1, concept="c"))
 
 
+WITHOUT_OVERRIDE = "--bounding-set=-dac_override,-dac_read_search"  # root, minus reading what it may not
+
+
 def test_unreadable_file_and_directory(tmp_path):
+    """As root, chmod 000 stops nothing: the test then runs itself again under setpriv, without the
+    capabilities that let root read any file, so the check is real."""
     locked = save_state(tmp_path / "locked.safetensors", good_state())
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -149,7 +155,20 @@ def test_unreadable_file_and_directory(tmp_path):
     adapter.chmod(0)
     try:
         if os.access(locked, os.R_OK):
-            pytest.skip("running as root: chmod 000 does not stop root from reading")
+            setpriv = shutil.which("setpriv")
+            if setpriv is None or os.environ.get("DSIRE_WITHOUT_OVERRIDE"):
+                pytest.skip("root reads chmod 000 files, and setpriv cannot take that away here")
+            this_test = f"{__file__}::test_unreadable_file_and_directory"
+            result = subprocess.run(
+                [setpriv, WITHOUT_OVERRIDE, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", this_test],
+                cwd=ROOT,
+                env={**os.environ, "DSIRE_WITHOUT_OVERRIDE": "1"},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:]
+            return
         expect_error(locked, "permission denied")
         expect_error(adapter, "permission denied")
         found, errors = scan_directory(tmp_path, WEIGHT_SUFFIXES)

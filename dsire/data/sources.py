@@ -86,12 +86,13 @@ def _refuse_same_file_twice(labels: Path, entries: list[ZooEntry]) -> None:
 
 def scan_directory(directory: Path, suffixes: tuple[str, ...]) -> tuple[list[Path], dict[str, str]]:
     """The LoRAs directly in `directory` (files with `suffixes`, PEFT adapter directories), and why
-    each entry that looks like one cannot be read.
+    each entry that is or may be one cannot be read.
 
-    Reported, not read: an entry that cannot be looked at (a symlink loop, a dangling link), a
-    weights name on something that is not a regular file (reading a FIFO never ends), and a second
-    name (symlink, hard link) of a file already listed. Subdirectories other than PEFT adapters are
-    not descended into, so a directory symlink loop cannot recurse.
+    Reported, not read: an entry that cannot be looked at (a symlink loop, a dangling link, a
+    directory we may not read), a weights name on something that is not a regular file (reading a
+    FIFO never ends), and a second name (symlink, hard link) of a file already listed.
+    Subdirectories other than PEFT adapters are not descended into, so a directory symlink loop
+    cannot recurse.
     """
     try:
         children = sorted(directory.iterdir())
@@ -107,7 +108,11 @@ def scan_directory(directory: Path, suffixes: tuple[str, ...]) -> tuple[list[Pat
             errors[str(child)] = os_problem(exc)
             continue
         if stat.S_ISDIR(info.st_mode):
-            if not (child / PEFT_CONFIG).is_file():
+            try:
+                if not _is_peft_adapter(child):
+                    continue
+            except OSError as exc:  # a locked directory may or may not be an adapter: say so
+                errors[str(child)] = os_problem(exc)
                 continue
         elif child.suffix.lower() not in suffixes:
             continue
@@ -120,6 +125,15 @@ def scan_directory(directory: Path, suffixes: tuple[str, ...]) -> tuple[list[Pat
             continue
         found.append(child)
     return found, errors
+
+
+def _is_peft_adapter(directory: Path) -> bool:
+    """Whether `directory` holds adapter_config.json; OSError where that cannot be told (a directory
+    we may not read), which Path.is_file would answer with False on some Python versions."""
+    try:
+        return stat.S_ISREG(os.stat(directory / PEFT_CONFIG).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def from_parquet_files(files: list[str | Path], rank: int | None = None) -> list[ZooEntry]:
