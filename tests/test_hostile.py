@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_unet
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_safety import CANARY, Exploit, good_state
 
 from dsire.data.cache import SpectraCache
@@ -32,6 +32,7 @@ from dsire.lora import LoRAError, load_lora
 from dsire.lora.load import WEIGHT_SUFFIXES
 from dsire.models.checkpoint import save_checkpoint
 from dsire.models.module import DSiReModule
+from dsire.spectra import lora_spectra
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "data" / "zoo"
@@ -300,3 +301,30 @@ def test_labels_dir_naming_one_file_twice_is_refused(tmp_path, second):
     (tmp_path / "labels.csv").write_text(f"file,n,concept\ngood.safetensors,1,a\n{second},6,b\n")
     with pytest.raises(LoRAError, match=r"labels.csv: rows 1 and 2 name the same file"):
         from_labels_dir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "damage", ["foreign", "no order", "order not a scalar", "torn", "hashes not a dict", "hashes torn"]
+)
+def test_damaged_cache_entries_are_misses(tmp_path, damage):
+    """The cache promises that a torn, foreign or tampered entry is recomputed, not a crash."""
+    entry = from_manifest(ZOO / "manifest.csv")[0]
+    spectra = lora_spectra(entry.load())
+    SpectraCache(tmp_path, {}).put(entry, spectra)
+    [path] = tmp_path.glob("*/*.safetensors")
+    tensors = load_file(str(path))
+    if damage == "foreign":
+        save_file({"x": torch.ones(2)}, str(path))
+    elif damage == "no order":
+        save_file({k: v for k, v in tensors.items() if not k.endswith("/order")}, str(path))
+    elif damage == "order not a scalar":
+        save_file({k: v.repeat(2) if k.endswith("/order") else v for k, v in tensors.items()}, str(path))
+    elif damage == "torn":
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        (tmp_path / "content_hashes.json").write_text("[1, 2]" if damage == "hashes not a dict" else '{"a": ')
+    cached = SpectraCache(tmp_path, {}).get(entry)
+    if damage.startswith("hashes"):
+        assert cached is not None and list(cached) == list(spectra)
+    else:
+        assert cached is None
