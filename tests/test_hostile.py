@@ -3,6 +3,7 @@
 Disguised pickles, unsupported dtypes, symlink loops, FIFOs and devices, duplicates, unreadable
 files: each gets a clear error naming it, nothing executes, and `predict.py` over a directory
 mixing them with good LoRAs predicts the good ones, names every bad one and exits non-zero.
+Damaged spectra cache entries are recomputed, not a crash.
 """
 
 from __future__ import annotations
