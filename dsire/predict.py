@@ -23,10 +23,9 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from dsire.data.datamodule import ZooDataset, as_list
-from dsire.data.sources import ZooEntry
+from dsire.data.sources import ZooEntry, scan_directory
 from dsire.harvest import claimed_columns
-from dsire.lora.files import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
-from dsire.lora.load import PEFT_CONFIG
+from dsire.lora.load import PEFT_CONFIG, WEIGHT_SUFFIXES
 from dsire.models.checkpoint import load_checkpoint
 from dsire.models.module import Features
 
@@ -47,18 +46,15 @@ COLUMNS = (
 )
 
 
-def collect_inputs(path: str | Path, allow_torch_load: bool) -> list[ZooEntry]:
-    """One entry per LoRA: the file itself, a PEFT directory, or each LoRA inside a directory."""
+def collect_inputs(path: str | Path) -> tuple[list[ZooEntry], dict[str, str]]:
+    """One entry per LoRA (the file itself, a PEFT directory, or each LoRA inside a directory), and
+    the directory's entries that cannot be read, with why (pickles are listed: the reader says why
+    it refuses them)."""
     path = Path(path)
     if not path.is_dir() or (path / PEFT_CONFIG).is_file():
-        return [ZooEntry(str(path), n=-1, concept="")]
-    suffixes = SAFETENSORS_SUFFIXES + (TORCH_SUFFIXES if allow_torch_load else ())
-    found = [
-        p
-        for p in sorted(path.iterdir())
-        if (p.is_file() and p.suffix.lower() in suffixes) or (p.is_dir() and (p / PEFT_CONFIG).is_file())
-    ]
-    return [ZooEntry(str(p), n=-1, concept="") for p in found]
+        return [ZooEntry(str(path), n=-1, concept="")], {}
+    found, unreadable = scan_directory(path, WEIGHT_SUFFIXES)
+    return [ZooEntry(str(p), n=-1, concept="") for p in found], unreadable
 
 
 def _disagreeing(voter_labels, voters: list[str], predicted: int) -> str:
@@ -68,9 +64,9 @@ def _disagreeing(voter_labels, voters: list[str], predicted: int) -> str:
 
 def predict(cfg: DictConfig) -> tuple[list[dict], dict[str, str]]:
     module = load_checkpoint(cfg.ckpt)
-    entries = collect_inputs(cfg.lora, cfg.allow_torch_load)
+    entries, unreadable = collect_inputs(cfg.lora)
     if not entries:
-        return [], {str(cfg.lora): "no LoRA files found"}
+        return [], unreadable or {str(cfg.lora): "no LoRA files found"}
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
     loader = DataLoader(ZooDataset(entries, None, cfg.allow_torch_load), batch_size=cfg.batch_size, collate_fn=as_list)
     features = Features.concat(trainer.predict(module, loader) or [])
@@ -96,7 +92,7 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict[str, str]]:
                     "disagreeing_layers": _disagreeing(prediction.voter_labels[i], module.knn.voters, n),
                 }
             )
-    return rows, features.errors
+    return rows, unreadable | features.errors
 
 
 def _number(value: float, digits: int) -> float | None:

@@ -179,3 +179,36 @@ def write_lorawise(finetunes: list[tuple[FineTune, int, str]], path: Path, neste
             columns.setdefault(key, []).append(matrix.tolist() if nested else matrix.flatten().tolist())
     pq.write_table(pa.table(columns), path)
     return path
+
+
+# Hostile inputs and faults: CI's output says how many the run tried and how many failed.
+COUNTED_MARKERS = {"hostile": "hostile inputs", "fault": "faults"}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per marker: inputs tried (a test's `inputs` user property, else 1), and test outcomes.
+
+    A test counts as failed if any phase failed (a fixture's teardown check, such as the canary,
+    included), as skipped if it was skipped, else as passed; parametrised cases count one by one.
+    """
+    tests: dict[str, dict[str, list[pytest.TestReport]]] = {marker: {} for marker in COUNTED_MARKERS}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if isinstance(report, pytest.TestReport):
+                for marker in COUNTED_MARKERS:
+                    if marker in report.keywords:
+                        tests[marker].setdefault(report.nodeid, []).append(report)
+    if not any(tests.values()):
+        return
+    terminalreporter.write_sep("=", "hostile inputs and faults")
+    for marker, label in COUNTED_MARKERS.items():
+        outcomes = {"passed": 0, "failed": 0, "skipped": 0}
+        inputs = 0
+        for reports in tests[marker].values():
+            phases = {report.outcome for report in reports}
+            outcome = "failed" if "failed" in phases else "skipped" if "skipped" in phases else "passed"
+            outcomes[outcome] += 1
+            counts = [value for report in reports for name, value in report.user_properties if name == "inputs"]
+            inputs += max(counts, default=1)
+        summary = ", ".join(f"{count} {outcome}" for outcome, count in outcomes.items())
+        terminalreporter.write_line(f"{label}: {inputs} tried in {len(tests[marker])} tests: {summary}")

@@ -87,6 +87,7 @@ def test_featurize_reports_mismatched_layers_and_ranks():
     assert features.errors["d"] == "truncated"
 
 
+@pytest.mark.fault
 def test_checkpoint_round_trip_and_tampering(tmp_path):
     rng = np.random.default_rng(0)
     train, test = random_features(rng, 30), random_features(rng, 10)

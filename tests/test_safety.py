@@ -46,6 +46,7 @@ def no_canary():
     assert not CANARY.exists(), "a hostile pickle ran code"
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("suffix", [".pt", ".bin", ".ckpt", ".pth"])
 def test_pickles_refused_without_opt_in(tmp_path, suffix):
     path = tmp_path / f"evil{suffix}"
@@ -53,6 +54,7 @@ def test_pickles_refused_without_opt_in(tmp_path, suffix):
     expect_error(path, "refused by default")
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("suffix", [".pt", ".bin"])
 def test_pickles_refused_by_weights_only_even_with_opt_in(tmp_path, suffix):
     path = tmp_path / f"evil{suffix}"
@@ -69,6 +71,7 @@ def test_plain_torch_state_dict_with_opt_in(tmp_path):
     assert len(load_lora(path, allow_torch_load=True).layers) == 1
 
 
+@pytest.mark.hostile
 def test_pickle_named_safetensors(tmp_path):
     path = tmp_path / "evil.safetensors"
     path.write_bytes(pickle.dumps(Exploit()))
@@ -82,25 +85,30 @@ def write_raw_safetensors(path: Path, header: object, data: bytes = b"", claimed
     return path
 
 
+@pytest.mark.hostile
 def test_oversized_header(tmp_path):
     expect_error(write_raw_safetensors(tmp_path / "big.safetensors", {}, claimed_len=2**40), "over the .*-byte limit")
 
 
+@pytest.mark.hostile
 def test_malformed_header(tmp_path):
     expect_error(write_raw_safetensors(tmp_path / "bad.safetensors", b"{not json"), "malformed safetensors header")
     expect_error(write_raw_safetensors(tmp_path / "list.safetensors", [1, 2]), "not a JSON object")
 
 
+@pytest.mark.hostile
 def test_offsets_that_do_not_match_the_dtype(tmp_path):
     header = {"a.lora_down.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 8]}}
     expect_error(write_raw_safetensors(tmp_path / "o.safetensors", header, b"\0" * 8), "do not match")
 
 
+@pytest.mark.hostile
 def test_unknown_dtype(tmp_path):
     header = {"a.lora_down.weight": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}
     expect_error(write_raw_safetensors(tmp_path / "d.safetensors", header, b"\0"), "dtype F8_E4M3")
 
 
+@pytest.mark.hostile
 def test_truncated_file(tmp_path):
     path = tmp_path / "t.safetensors"
     save_file(good_state(), str(path))
@@ -110,6 +118,7 @@ def test_truncated_file(tmp_path):
     expect_error(path, "truncated")
 
 
+@pytest.mark.hostile
 def test_empty_and_missing(tmp_path):
     empty = tmp_path / "e.safetensors"
     empty.touch()
@@ -117,12 +126,14 @@ def test_empty_and_missing(tmp_path):
     expect_error(tmp_path / "missing.safetensors", "no such file")
 
 
+@pytest.mark.hostile
 def test_file_size_limit(tmp_path):
     path = tmp_path / "l.safetensors"
     save_file(good_state(), str(path))
     expect_error(path, "over the 100-byte limit", limits=Limits(max_file_bytes=100))
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_inf(tmp_path, bad):
     state = good_state()
@@ -132,6 +143,7 @@ def test_nan_inf(tmp_path, bad):
     expect_error(path, "contains NaN or Inf")
 
 
+@pytest.mark.hostile
 def test_down_without_up(tmp_path):
     state = good_state()
     del state["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"]
@@ -140,6 +152,7 @@ def test_down_without_up(tmp_path):
     expect_error(path, "has a down without its up")
 
 
+@pytest.mark.hostile
 def test_rank_mismatch(tmp_path):
     state = good_state()
     state["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"] = torch.randn(32, 3)
@@ -148,6 +161,7 @@ def test_rank_mismatch(tmp_path):
     expect_error(path, "rank mismatch")
 
 
+@pytest.mark.hostile
 def test_wrong_shapes_and_dtypes(tmp_path):
     cases = {
         "lora_down.weight": (torch.randn(4, 32, 2), "expected a matrix"),
@@ -162,6 +176,7 @@ def test_wrong_shapes_and_dtypes(tmp_path):
         expect_error(path, problem)
 
 
+@pytest.mark.hostile
 def test_zero_size_tensor(tmp_path):
     state = good_state()
     state["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"] = torch.zeros(0, 32)
@@ -171,12 +186,14 @@ def test_zero_size_tensor(tmp_path):
     expect_error(path, "is empty")
 
 
+@pytest.mark.hostile
 def test_full_model_is_not_a_lora(tmp_path):
     path = tmp_path / "unet.safetensors"
     save_file(tiny_unet().state_dict(), str(path))
     expect_error(path, "no LoRA weights found")
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize(
     ("key", "problem"),
     [
@@ -191,12 +208,14 @@ def test_other_adapter_types(tmp_path, key, problem):
     expect_error(path, problem)
 
 
+@pytest.mark.hostile
 def test_directory_with_two_weight_files(tmp_path):
     for name in ("a.safetensors", "b.safetensors"):
         save_file(good_state(), str(tmp_path / name))
     expect_error(tmp_path, "exactly one weights file")
 
 
+@pytest.mark.hostile
 def test_malformed_adapter_config(unet_finetune, tmp_path):
     directory = write_peft(unet_finetune, tmp_path / "adapter")
     (directory / "adapter_config.json").write_text("{oops")
@@ -205,6 +224,7 @@ def test_malformed_adapter_config(unet_finetune, tmp_path):
     expect_error(directory, "DoRA")
 
 
+@pytest.mark.hostile
 def test_parquet_not_in_schema_or_corrupt(unet_finetune_alpha_r, tmp_path):
     path = write_lorawise([(unet_finetune_alpha_r, 1, "c")], tmp_path / "low_4.parquet")
     good = path.read_bytes()
@@ -218,6 +238,7 @@ def test_parquet_not_in_schema_or_corrupt(unet_finetune_alpha_r, tmp_path):
     expect_error(other, "no 'label' column")
 
 
+@pytest.mark.hostile
 def test_unknown_suffix_and_format(tmp_path):
     path = tmp_path / "weights.npz"
     path.write_bytes(b"PK")

@@ -122,6 +122,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.fault
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_kill_9_then_resume(tmp_path):
     """kill -9 of the sweep process mid-way (its two workers die with it), then the same command again."""

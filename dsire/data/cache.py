@@ -44,9 +44,10 @@ class SpectraCache:
 
     def _read_hashes(self) -> dict[str, str]:
         try:
-            return json.loads(self._hashes_file.read_text())
+            hashes = json.loads(self._hashes_file.read_text())
         except (OSError, json.JSONDecodeError):
             return {}
+        return hashes if isinstance(hashes, dict) else {}
 
     def _content_key(self, entry: ZooEntry) -> str:
         """Content hash of the entry's weights file (the directory's single file for PEFT dirs)."""
@@ -66,10 +67,10 @@ class SpectraCache:
             return None
         try:
             tensors = load_file(str(path))
-        except (SafetensorError, OSError):
+            layers = sorted({k.rsplit("/", 1)[0] for k in tensors}, key=lambda n: tensors[f"{n}/order"].item())
+            return {n: Spectra(*(tensors[f"{n}/{p}"] for p in _PARTS)) for n in layers}
+        except (SafetensorError, OSError, KeyError, RuntimeError):  # torn, foreign or tampered: a miss
             return None
-        layers = sorted({k.rsplit("/", 1)[0] for k in tensors}, key=lambda n: tensors[f"{n}/order"].item())
-        return {n: Spectra(*(tensors[f"{n}/{p}"] for p in _PARTS)) for n in layers}
 
     def put(self, entry: ZooEntry, spectra: dict[str, Spectra]) -> None:
         tensors = {}

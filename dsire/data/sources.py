@@ -10,12 +10,16 @@ must never straddle a split). Three sources produce one:
 from __future__ import annotations
 
 import csv
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dsire.lora import LoRA, LoRAError, load_lora
+from dsire.lora.load import PEFT_CONFIG, os_problem
 from dsire.lora.lorawise import CONCEPT_COLUMN, LABEL_COLUMN, subset_rank
 
 LORAWISE_HF_NAME = "MoSalama98/LoRA-WiSE"
@@ -59,14 +63,87 @@ def from_labels_dir(directory: str | Path, labels: str = "labels.csv") -> list[Z
     """Entries of a directory of LoRA files in any format, labelled by `labels.csv` (file,n,concept)."""
     directory = Path(directory)
     rows = _read_csv(directory / labels, ("file", "n", "concept"))
-    return [ZooEntry(str(directory / r["file"]), int(r["n"]), r["concept"]) for r in rows]
+    entries = [ZooEntry(str(directory / r["file"]), int(r["n"]), r["concept"]) for r in rows]
+    _refuse_same_file_twice(directory / labels, entries)
+    return entries
+
+
+def _refuse_same_file_twice(labels: Path, entries: list[ZooEntry]) -> None:
+    """One LoRA under two rows (a repeated row, a symlink, a hard link) would sit on both sides of a split.
+
+    Entries that cannot be looked at are left to the reader, which reports them per file.
+    """
+    seen: dict[tuple[int, int], int] = {}
+    for row, entry in enumerate(entries, start=1):
+        try:
+            info = os.stat(entry.path)
+        except OSError:
+            continue
+        first = seen.setdefault((info.st_dev, info.st_ino), row)
+        if first != row:
+            raise LoRAError(labels, f"rows {first} and {row} name the same file ({entry.path}): list each LoRA once")
+
+
+def scan_directory(directory: Path, suffixes: tuple[str, ...]) -> tuple[list[Path], dict[str, str]]:
+    """The LoRAs directly in `directory` (files with `suffixes`, PEFT adapter directories), and why
+    each entry that is or may be one cannot be read.
+
+    Reported, not read: an entry that cannot be looked at (a symlink loop, a dangling link, a
+    directory we may not read), a weights name on something that is not a regular file (reading a
+    FIFO never ends), and a second name (symlink, hard link) of a file already listed.
+    Subdirectories other than PEFT adapters are not descended into, so a directory symlink loop
+    cannot recurse.
+    """
+    try:
+        children = sorted(directory.iterdir())
+    except OSError as exc:
+        return [], {str(directory): f"cannot list: {os_problem(exc)}"}
+    found: list[Path] = []
+    errors: dict[str, str] = {}
+    seen: dict[tuple[int, int], Path] = {}
+    for child in children:
+        try:
+            info = child.stat()
+        except OSError as exc:
+            errors[str(child)] = os_problem(exc)
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            try:
+                if not _is_peft_adapter(child):
+                    continue
+            except OSError as exc:  # a locked directory may or may not be an adapter: say so
+                errors[str(child)] = os_problem(exc)
+                continue
+        elif child.suffix.lower() not in suffixes:
+            continue
+        elif not stat.S_ISREG(info.st_mode):
+            errors[str(child)] = "not a regular file (a FIFO, socket or device?)"
+            continue
+        first = seen.setdefault((info.st_dev, info.st_ino), child)
+        if first != child:
+            errors[str(child)] = f"same file as {first.name} (a symlink or hard link): read once"
+            continue
+        found.append(child)
+    return found, errors
+
+
+def _is_peft_adapter(directory: Path) -> bool:
+    """Whether `directory` holds adapter_config.json; OSError where that cannot be told (a directory
+    we may not read), which Path.is_file would answer with False on some Python versions."""
+    try:
+        return stat.S_ISREG(os.stat(directory / PEFT_CONFIG).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def from_parquet_files(files: list[str | Path], rank: int | None = None) -> list[ZooEntry]:
     """One entry per row of local LoRA-WiSE parquet files; reads only the label columns."""
     entries = []
     for file in sorted(map(Path, files)):
-        table = pq.read_table(file, columns=[LABEL_COLUMN, CONCEPT_COLUMN])
+        try:
+            table = pq.read_table(file, columns=[LABEL_COLUMN, CONCEPT_COLUMN])
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+            raise LoRAError(file, f"cannot read the label columns ({exc})") from exc
         file_rank = rank if rank is not None else subset_rank(file)
         for row, (n, concept) in enumerate(
             zip(table[LABEL_COLUMN].to_pylist(), table[CONCEPT_COLUMN].to_pylist(), strict=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 from dsire.lora.files import DEFAULT_LIMITS, SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, Limits, read_tensors
@@ -29,9 +30,23 @@ def load_lora(
 
     `path` is a weights file, a PEFT/diffusers output directory, or a LoRA-WiSE parquet file
     (then `row` picks the row and `rank` reshapes flat columns; see `read_lorawise` for all rows).
-    `format` is "auto" or one of FORMATS. Raises LoRAError naming the file and the problem.
+    `format` is "auto" or one of FORMATS. Raises LoRAError naming the file and the problem; an
+    OS error (permission denied, a symlink loop, an I/O error) becomes one too, so callers need
+    to handle a single error type.
     """
     path = Path(path)
+    try:
+        return _load(path, format, allow_torch_load, limits, rank, row)
+    except OSError as exc:
+        raise LoRAError(exc.filename or path, f"cannot read: {os_problem(exc)}") from exc
+
+
+def os_problem(exc: OSError) -> str:
+    """`no such file or directory`, `too many levels of symbolic links`, ...: the OS's words."""
+    return (exc.strerror or str(exc)).lower()
+
+
+def _load(path: Path, format: str, allow_torch_load: bool, limits: Limits, rank: int | None, row: int) -> LoRA:
     if format not in ("auto", *FORMATS):
         raise LoRAError(path, f"unknown format {format!r}; one of {('auto', *FORMATS)}")
     if path.suffix.lower() == ".parquet" or format == "lorawise":
@@ -50,11 +65,19 @@ def _peft_config_path(weights: Path) -> Path:
 
 
 def resolve_weights_file(path: Path) -> Path:
-    """The one weights file a path names: itself, or the single weights file in a directory."""
-    if not path.exists():
-        raise LoRAError(path, "no such file or directory")
-    if not path.is_dir():
+    """The one weights file a path names: itself, or the single weights file in a directory.
+
+    Anything else (a FIFO, a device, a symlink loop) is refused here, before any caller opens it:
+    reading /dev/zero or a FIFO would never end.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:  # Path.exists() would hide a symlink loop as "no such file"
+        raise LoRAError(path, os_problem(exc)) from exc
+    if stat.S_ISREG(mode):
         return path
+    if not stat.S_ISDIR(mode):
+        raise LoRAError(path, "not a regular file or directory (a FIFO, socket or device?)")
     candidates = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
     preferred = [p for p in candidates if p.suffix.lower() in SAFETENSORS_SUFFIXES] or candidates
     if len(preferred) != 1:

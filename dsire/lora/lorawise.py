@@ -63,7 +63,7 @@ def read_lorawise(
     rank = rank if rank is not None else subset_rank(path)
     try:
         parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # a corrupt schema can hold bad UTF-8
         raise LoRAError(path, f"unreadable parquet file ({exc})") from exc
     names = parquet.schema_arrow.names
     for column in (LABEL_COLUMN, CONCEPT_COLUMN):
@@ -80,7 +80,7 @@ def read_lorawise(
             index += 1
             if rows is not None and index >= rows.stop:
                 return
-    except pa.ArrowException as exc:
+    except (pa.ArrowException, OSError) as exc:  # Arrow raises corrupt pages as OSError, not ArrowException
         raise LoRAError(path, f"corrupt parquet data at row {index} ({exc})") from exc
 
 
