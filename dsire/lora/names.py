@@ -8,6 +8,7 @@ every format.
 
 from __future__ import annotations
 
+import functools
 import re
 
 # Module-name pieces that themselves contain underscores, in diffusers UNets/transformers, CLIP text
@@ -150,6 +151,7 @@ def sgm_to_diffusers(path: str) -> str:
     return f"{head}.{rest}" if rest else head
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the same few hundred names recur in every file of a zoo
 def kohya_to_canonical(name: str) -> str | None:
     """`lora_unet_down_blocks_0_..._to_q` -> `unet.down_blocks.0....to_q`; None if not a kohya name."""
     for prefix, component in KOHYA_PREFIXES.items():
