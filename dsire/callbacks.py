@@ -66,10 +66,17 @@ class PerLayerAccuracy(pl.Callback):
             return
         rows = sorted(([v, round(float(np.mean(a)), 4)] for v, a in self.hits.items()), key=lambda r: -r[1])
         log_table(trainer, "per_layer_accuracy", ["voter", "accuracy"], rows, self.output_dir)
-        figure, axis = plt.subplots(figsize=(8, max(3, 0.12 * len(rows))))
-        axis.barh(range(len(rows)), [r[1] for r in rows][::-1])
-        axis.set(yticks=range(len(rows)), xlabel="1-NN accuracy of the voter alone", title="per-layer retrieval")
-        axis.set_yticklabels([r[0] for r in rows][::-1], fontsize=4)
+        accuracy = {voter: value for voter, value in rows}
+        layers = list(dict.fromkeys(v.rsplit("/", 1)[0] for v in self.hits))  # model order
+        parts = list(dict.fromkeys(v.rsplit("/", 1)[1] for v in self.hits))
+        grid = np.array([[accuracy.get(f"{layer}/{part}", np.nan) for part in parts] for layer in layers])
+        # one image, not one bar per voter: an SD 1.5 model has 384 voters
+        figure, axis = plt.subplots(figsize=(4 + 1.2 * len(parts), 2 + 0.05 * len(layers)))
+        image = axis.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        axis.set(xticks=range(len(parts)), xticklabels=parts, title="per-layer retrieval (1-NN accuracy alone)")
+        shown = range(0, len(layers), -(-len(layers) // 40))  # at most 40 names; all are in the table
+        axis.set_yticks(shown, [layers[i] for i in shown], fontsize=6)
+        figure.colorbar(image, ax=axis, fraction=0.05)
         log_figure(trainer, "per_layer_accuracy", figure, self.output_dir)
         plt.close(figure)
 

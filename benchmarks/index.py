@@ -1,0 +1,110 @@
+"""Fit and predict time, peak memory and recall versus zoo size, for exact and approximate indices.
+
+    python -m benchmarks.index [--sizes 100 1000 10000 100000] [--voters 16] [--queries 500]
+
+Spectra-level data (no files): each zoo LoRA has `--voters` voters of 32 decreasing "singular values"
+that shrink as N^-1/2 with concept and LoRA noise, like real spectra. Every (size, index) runs in a
+fresh process, so its peak resident memory is its own. `DSiReModule.fit` (vote indices, size
+regression, calibration) is timed with each index; predict times one batch of `--queries` LoRAs.
+Recall: the share of queries whose nearest zoo LoRA (per voter) and whose voted N equal the exact
+`Flat` index's. Cost grows linearly with voters (a full SD 1.5 model has 384).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import platform
+import resource
+import sys
+import time
+
+import faiss
+import numpy as np
+
+from benchmarks.report import write_section
+from dsire.models.module import DSiReModule, Features
+
+
+def zoo(size: int, voters: int, seed: int) -> Features:
+    rng = np.random.default_rng(seed)
+    n = rng.integers(1, 7, size)
+    concepts = rng.integers(0, max(2, size // 6), size)
+    shape = np.sort(rng.uniform(0.05, 1.0, (voters, 32)), axis=1)[:, ::-1]
+    concept_factor = np.exp(0.2 * np.random.default_rng(0).normal(size=(max(2, size // 6), voters, 1)))
+    noise = np.exp(0.05 * rng.normal(size=(size, voters, 32)))
+    values = shape[None] * n[:, None, None] ** -0.5 * concept_factor[concepts] * noise
+    vectors = {f"layer{v}/delta": values[:, v].astype(np.float32) for v in range(voters)}
+    return Features(vectors, n, [str(i) for i in range(size)], [f"c{c}" for c in concepts])
+
+
+def indices(size: int) -> list[tuple[str, str]]:
+    """(FAISS factory, search parameters): exact, HNSW, and IVF once there is enough to train it."""
+    options = [("Flat", ""), ("HNSW32", "efSearch=64")]
+    if size >= 10_000:
+        options.append((f"IVF{4 * int(math.sqrt(size))},Flat", "nprobe=16"))
+    return options
+
+
+def run_one(size: int, voters: int, queries: int, factory: str, search: str, out: mp.Queue) -> None:
+    faiss.omp_set_num_threads(1)  # one core for FAISS, as on the CI machine; the other runs the benchmark
+    train, test = zoo(size, voters, seed=1), zoo(queries, voters, seed=2)
+    start = time.perf_counter()
+    module = DSiReModule(index=factory, index_search=search).fit(train)
+    fit = time.perf_counter() - start
+    start = time.perf_counter()
+    prediction = module.predict_features(test)
+    predict = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
+    nearest = [module.knn._indices[0].search(module.knn._normalise(0, test.vectors["layer0/delta"]), 1)[1][:, 0]]
+    out.put((fit, predict, peak, prediction.n, nearest[0]))
+
+
+def measure(size: int, voters: int, queries: int, factory: str, search: str) -> tuple:
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    process = context.Process(target=run_one, args=(size, voters, queries, factory, search, out))
+    process.start()
+    result = out.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10_000, 100_000])
+    parser.add_argument("--voters", type=int, default=16)
+    parser.add_argument("--queries", type=int, default=500)
+    args = parser.parse_args()
+    rows = []
+    for size in args.sizes:
+        exact = None
+        for factory, search in indices(size):
+            fit, predict, peak, voted, nearest = measure(size, args.voters, args.queries, factory, search)
+            exact = exact or (voted, nearest)
+            vote_recall, nn_recall = np.mean(voted == exact[0]), np.mean(nearest == exact[1])
+            rows.append(
+                f"| {size:,} | `{factory}` {search} | {fit:.2f} | {1000 * predict / args.queries:.2f} | {peak:.0f} |"
+                f" {nn_recall:.3f} | {vote_recall:.3f} |"
+            )
+            print(rows[-1], flush=True)
+    command = " ".join(["python -m benchmarks.index", *sys.argv[1:]])
+    table = "\n".join(
+        [
+            "## Fit and predict versus zoo size: exact and approximate FAISS indices",
+            "",
+            f"`{command}` on {platform.machine()}, FAISS {faiss.__version__} with 1 thread, no GPU. Spectra-level"
+            f" zoos, {args.voters} voters × 32 values; fit = `DSiReModule.fit` (indices, size regression and its"
+            f" calibration); predict = one batch of {args.queries} LoRAs. Recall against `Flat` (exact).",
+            "",
+            "| zoo LoRAs | index | fit s | predict ms / LoRA | peak MiB | 1-NN recall (voter 0) | same voted N |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+            *rows,
+        ]
+    )
+    write_section("index", table)
+
+
+if __name__ == "__main__":
+    main()
