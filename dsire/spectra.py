@@ -90,13 +90,20 @@ def batch_spectra(
     results: list[dict[str, Spectra]] = [{} for _ in loras]
     for members in groups.values():
         layers = [loras[i].layers[name] for i, name in members]
-        up = torch.stack([layer.up for layer in layers]).to(device, non_blocking=True)
-        down = torch.stack([layer.down for layer in layers]).to(device, non_blocking=True)
+        up = _to_device(torch.stack([layer.up for layer in layers]), device)
+        down = _to_device(torch.stack([layer.down for layer in layers]), device)
         scale = torch.tensor([layer.scale for layer in layers], dtype=torch.float64)
         batch = lowrank_spectra(up, down, scale, dtype=dtype).cpu()
         for j, (i, name) in enumerate(members):
             results[i][name] = batch[j]
     return [{name: result[name] for name in lora.layers} for lora, result in zip(loras, results, strict=True)]
+
+
+def _to_device(batch: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """Copy to a CUDA device from pinned memory, so the copy runs asynchronously; elsewhere as is."""
+    if device is not None and torch.device(device).type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 def lora_spectra(

@@ -97,6 +97,16 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(gpu.delta.cpu(), cpu.delta)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batch_spectra_on_cuda_through_pinned_copies(unet_finetune, tmp_path):
+    path = save_lora(unet_finetune.state, tmp_path / "l.safetensors", "kohya", unet_finetune.config.to_dict())
+    lora = load_lora(path)
+    on_gpu, on_cpu = lora_spectra(lora, "cuda", torch.float64), lora_spectra(lora, "cpu", torch.float64)
+    for name in on_cpu:
+        assert not on_gpu[name].delta.is_cuda  # results come back to the CPU
+        torch.testing.assert_close(on_gpu[name].delta, on_cpu[name].delta)
+
+
 def test_batch_spectra_across_loras_equals_one_by_one(unet_finetune, unet_finetune_alpha_r, tmp_path):
     from dsire.spectra import batch_spectra
 
