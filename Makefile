@@ -27,3 +27,6 @@ bench: $(BIN)/dsire
 	$(BIN)/python -m benchmarks.spectra
 	$(BIN)/python -m benchmarks.zoo
 	$(BIN)/python -m benchmarks.size_regression
+	$(BIN)/python -m benchmarks.featurise
+	$(BIN)/python -m benchmarks.index
+	$(BIN)/python -m benchmarks.train_e2e

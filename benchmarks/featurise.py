@@ -6,7 +6,7 @@ On the same kohya files (rank 32, float16, `benchmarks.synthetic`), one run meas
 - read: `safetensors` load of every tensor plus a sum (bytes off the disk, no math): the ceiling;
 - dsire: what `train.py` does without a spectra cache: `LoRAZooDataModule` batches, the bounded
   reader with its checks and canonical names, batched QR-core spectra in `DSiReModule.predict_step`;
-- paper: `load_lora`, then `torch.svd_lowrank` of each dense ΔW (the paper's code path).
+- paper: `load_lora`, then `torch.svd_lowrank` of A, B and the dense ΔW of each layer (the paper's code).
 Each is timed cold (the files evicted from the page cache first, with `posix_fadvise`) and, for
 read and dsire, warm (straight after). Figures go to benchmarks/README.md.
 """
@@ -87,12 +87,12 @@ def main() -> None:
     runs = [  # name, files, megabytes, seconds
         ("read + sum", files, megabytes, timed(read_and_sum, files, args.dir, cold=True)),
         ("dsire featurisation", files, megabytes, timed(dsire_featurise, files, args.dir, cold=True)),
-        ("paper: svd_lowrank of dense ΔW", subset, subset_mb, timed(paper, subset, args.dir, cold=True)),
+        ("paper: svd_lowrank of A, B, dense ΔW", subset, subset_mb, timed(paper, subset, args.dir, cold=True)),
         ("read + sum (warm)", files, megabytes, timed(read_and_sum, files, args.dir, cold=False)),
         ("dsire featurisation (warm)", files, megabytes, timed(dsire_featurise, files, args.dir, cold=False)),
     ]
     rate = {name: (len(f) / s, mb / s) for name, f, mb, s in runs}
-    read, ours, theirs = (rate[n] for n in ("read + sum", "dsire featurisation", "paper: svd_lowrank of dense ΔW"))
+    read, ours, theirs = (rate[name] for name, *_ in runs[:3])
     command = " ".join(["python -m benchmarks.featurise", *sys.argv[1:]])
     lines = [
         "## Featurisation throughput: dsire vs raw reads vs the paper",

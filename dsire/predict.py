@@ -26,7 +26,7 @@ from dsire.data.datamodule import ZooDataset, as_list
 from dsire.data.sources import ZooEntry, scan_directory
 from dsire.harvest import claimed_columns
 from dsire.lora.load import PEFT_CONFIG, WEIGHT_SUFFIXES
-from dsire.models.checkpoint import load_checkpoint
+from dsire.models.checkpoint import CheckpointError, load_checkpoint
 from dsire.models.module import Features
 
 COLUMNS = (
@@ -151,7 +151,12 @@ def render(rows: list[dict], errors: dict[str, str], output: str) -> str | None:
 
 
 def run(cfg: DictConfig) -> int:
-    rows, errors = predict(cfg)
+    """Exit code: 0 all predicted, 1 some files failed, 2 the checkpoint itself is unusable."""
+    try:
+        rows, errors = predict(cfg)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     text = render(rows, errors, cfg.output)
     if text is not None:
         if cfg.output_file:

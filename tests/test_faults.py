@@ -127,5 +127,6 @@ def test_predict_refuses_a_damaged_checkpoint(clean, tmp_path, damage):
         text=True,
         timeout=300,
     )
-    assert result.returncode != 0
-    assert problem in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {problem}")  # one line, no traceback
+    assert "Traceback" not in result.stderr
