@@ -7,6 +7,9 @@ back to the same canonical layers and the ΔW that peft itself computes.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,31 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dsire.lora.names import canonical_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """A script of the repository (`train.py`, `predict.py`, `tests/...`) run as users run it, from the root.
+
+    The user's W&B settings are left out (runs must work without them), and the checkout comes first
+    on the import path, so a script run by path imports this checkout's `dsire`.
+    """
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | (env or {})
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+    )
+
+
+def run_dsire(*args: str) -> subprocess.CompletedProcess:
+    """The `dsire` command line (`python -m dsire ...`)."""
+    return subprocess.run([sys.executable, "-m", "dsire", *args], capture_output=True, text=True, timeout=120)
 
 
 def tiny_unet(layers_per_block: int = 1) -> UNet2DConditionModel:

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import torch
-from conftest import write_kohya, write_lorawise
+from conftest import run_dsire, write_kohya, write_lorawise
 
 from dsire.lora import load_lora
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsire", *args], capture_output=True, text=True, timeout=120)
-
-
 def test_inspect_json(unet_finetune, tmp_path):
     path = write_kohya(unet_finetune, None, tmp_path / "k.safetensors", {"ss_num_train_images": "7"})
-    result = run_cli("inspect", str(path), "--json")
+    result = run_dsire("inspect", str(path), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["format"] == "kohya"
@@ -35,7 +29,7 @@ def test_inspect_json(unet_finetune, tmp_path):
 
 def test_inspect_table_and_parquet_row(unet_finetune_alpha_r, tmp_path):
     path = write_lorawise([(unet_finetune_alpha_r, 2, "a"), (unet_finetune_alpha_r, 6, "b")], tmp_path / "w.parquet")
-    result = run_cli("inspect", str(path), "--rank", "4", "--row", "1")
+    result = run_dsire("inspect", str(path), "--rank", "4", "--row", "1")
     assert result.returncode == 0, result.stderr
     assert "format: lorawise" in result.stdout
     assert "n: 6" in result.stdout and "concept: b" in result.stdout
@@ -45,6 +39,6 @@ def test_inspect_table_and_parquet_row(unet_finetune_alpha_r, tmp_path):
 def test_inspect_error_names_file(tmp_path):
     path = tmp_path / "broken.safetensors"
     path.write_bytes(b"\x00" * 4)
-    result = run_cli("inspect", str(path))
+    result = run_dsire("inspect", str(path))
     assert result.returncode == 1
     assert "broken.safetensors" in result.stderr and "truncated" in result.stderr

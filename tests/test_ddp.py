@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_train_predict import ZOO, run
+from conftest import run_script
+from test_train_predict import ZOO
 
 from dsire import distributed
 from dsire.distributed import ShardSampler
@@ -34,7 +35,7 @@ def _odd_manifest(tmp_path: Path) -> Path:
 
 def _train(manifest: Path, out: Path, *overrides: str) -> dict:
     common = (f"data.source.path={manifest}", "logger=csv", f"hydra.run.dir={out}", f"paths.cache_dir={out / 'cache'}")
-    result = run("train.py", *common, *overrides)
+    result = run_script("train.py", *common, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "spectra: 59 computed from weights, 0 from the cache" in result.stdout  # no LoRA read twice
     return json.loads((out / "metrics.json").read_text())

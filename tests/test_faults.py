@@ -10,17 +10,15 @@ the zoo generator: tests/test_zoo.py; tampered checkpoints in detail: tests/test
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, run_script
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.fault
 OVERRIDES = ("data.sizes=[2,3]", "~logger", "~callbacks")  # 60 LoRAs, neighbouring sizes: an imperfect vote
 ENTRIES = 60
@@ -29,15 +27,7 @@ ENTRIES = 60
 def train(out: Path, cache: Path, *kill: str) -> subprocess.CompletedProcess:
     """train.py (or, with a kill point, kill_during_cache.py) into `out`, with its spectra cache in `cache`."""
     script = ["tests/kill_during_cache.py", *kill] if kill else ["train.py"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run(
-        [sys.executable, *script, f"hydra.run.dir={out}", f"paths.cache_dir={cache}", *OVERRIDES],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_script(*script, f"hydra.run.dir={out}", f"paths.cache_dir={cache}", *OVERRIDES)
 
 
 def entries(cache: Path) -> dict[str, Path]:
@@ -120,13 +110,7 @@ def test_predict_refuses_a_damaged_checkpoint(clean, tmp_path, damage):
         problem = f"{ckpt}: truncated"
     else:
         ckpt, problem = lora, f"{lora}: not a valid DSiRe checkpoint"
-    result = subprocess.run(
-        [sys.executable, "predict.py", f"ckpt={ckpt}", f"lora={lora}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_script("predict.py", f"ckpt={ckpt}", f"lora={lora}", timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {problem}")  # one line, no traceback
     assert "Traceback" not in result.stderr

@@ -8,21 +8,17 @@ diffusers layouts; `fuzz_readers.py` mutates valid safetensors and parquet files
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from dsire.lora import LoRAError, load_lora
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.hostile
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -154,15 +150,7 @@ def test_well_formed_loras_read_back_exactly(drawn, layout, tmp_path, count_exam
 def test_bounded_fuzz_of_the_readers(request):
     """Thousands of mutants of a valid safetensors and a valid parquet file, in a fresh process whose
     peak memory is measured: a header claiming terabytes must be refused before anything is allocated."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "fuzz_readers.py"), "0", "2000", "600"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_script("tests/fuzz_readers.py", "0", "2000", "600", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     request.node.user_properties.append(("inputs", report["cases"]))

@@ -5,21 +5,17 @@ from __future__ import annotations
 import csv
 import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FineTune, make_finetune, tiny_unet
+from conftest import FineTune, make_finetune, run_dsire, run_script, tiny_unet
 from peft import LoraConfig
 
 from dsire.data.sources import ZooEntry, from_labels_dir
 from dsire.harvest import MANIFEST_COLUMNS, claimed_columns, harvest, write_manifest
 from dsire.lora.save import save_lora
 from dsire.predict import render
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def kohya_metadata(output_name: str, dirs: dict[str, tuple[int, int]], **overrides: str) -> dict[str, str]:
@@ -52,10 +48,6 @@ def write_raw(path: Path, header: bytes) -> Path:
     """A safetensors file with exactly this header and no tensors."""
     path.write_bytes(struct.pack("<Q", len(header)) + header)
     return path
-
-
-def run_dsire(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsire", *args], capture_output=True, text=True, timeout=120)
 
 
 RECIPE = {
@@ -306,12 +298,6 @@ def test_harvest_cli(unet_finetune: FineTune, tmp_path):
     assert result.returncode == 1
     assert "0 labelled, 1 skipped" in result.stdout and "nothing written" in result.stderr
     assert not (tmp_path / "out.csv").exists()
-
-
-def run_script(script: str, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
 
 
 def test_harvested_folder_trains_and_predict_shows_claimed_n(tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_unet
+from conftest import ROOT, run_script, tiny_unet
 from safetensors.torch import load_file, save_file
 from test_safety import CANARY, Exploit, good_state
 
@@ -35,7 +35,6 @@ from dsire.models.checkpoint import save_checkpoint
 from dsire.models.module import DSiReModule
 from dsire.spectra import lora_spectra
 
-ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "data" / "zoo"
 pytestmark = pytest.mark.hostile
 
@@ -248,18 +247,12 @@ def test_predict_over_a_hostile_directory(small_checkpoint, tmp_path, request):
     good = sorted(ZOO.glob("*.safetensors"))[30:33]
     expected = hostile_directory(tmp_path, good)
     request.node.user_properties.append(("inputs", len(expected)))
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "predict.py"),
-            f"ckpt={small_checkpoint}",
-            f"lora={tmp_path}",
-            "output=json",
-            "allow_torch_load=true",  # the harder case: pickles reach torch.load(weights_only=True)
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    result = run_script(
+        "predict.py",
+        f"ckpt={small_checkpoint}",
+        f"lora={tmp_path}",
+        "output=json",
+        "allow_torch_load=true",  # the harder case: pickles reach torch.load(weights_only=True)
         timeout=300,
     )
     assert result.returncode == 1, result.stderr[-3000:]

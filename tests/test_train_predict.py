@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_finetune, tiny_unet, write_lorawise
+from conftest import ROOT, make_finetune, run_script, tiny_unet, write_lorawise
 from peft import LoraConfig
 
 from dsire.lora import load_lora
 from dsire.lora.save import save_lora
 
-ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "data" / "zoo"
-
-
-def run(script: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | (env or {})
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=environment,
-    )
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """`python train.py` with its defaults (bundled zoo, W&B logger), into a temporary run dir."""
     out = tmp_path_factory.mktemp("train")
-    result = run(
+    result = run_script(
         "train.py", f"hydra.run.dir={out}", f"paths.cache_dir={out / 'cache'}", env={"HOME": str(out / "home")}
     )  # no W&B login anywhere: must run offline, no prompt
     assert result.returncode == 0, result.stderr[-3000:]
@@ -69,7 +53,7 @@ def test_second_run_reads_no_weights(trained: Path, tmp_path):
     entries = sorted(cache.rglob("*.safetensors"))
     assert len(entries) == len(list(ZOO.glob("*.safetensors")))
     first = json.loads((trained / "metrics.json").read_text())["summary"]
-    result = run("train.py", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={cache}", "logger=csv")
+    result = run_script("train.py", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={cache}", "logger=csv")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"spectra: 0 computed from weights, {len(entries)} from the cache" in result.stdout
     assert json.loads((tmp_path / "metrics.json").read_text())["summary"] == first
@@ -88,7 +72,7 @@ def test_predict_same_answer_for_peft_and_kohya(trained: Path, tmp_path):
     peft_dir = save_lora(state, tmp_path / "peft_adapter", "peft", config).parent
     answers = []
     for path in (kohya, peft_dir):
-        result = run("predict.py", f"ckpt={trained / 'dsire.safetensors'}", f"lora={path}", "output=json")
+        result = run_script("predict.py", f"ckpt={trained / 'dsire.safetensors'}", f"lora={path}", "output=json")
         assert result.returncode == 0, result.stderr[-2000:]
         answers.append(json.loads(result.stdout)["predictions"][0])
     assert answers[0]["predicted_n"] == answers[1]["predicted_n"]
@@ -99,7 +83,7 @@ def test_predict_directory_with_a_bad_file(trained: Path, tmp_path):
     for source in sorted(ZOO.glob("*.safetensors"))[:3]:
         (tmp_path / source.name).write_bytes(source.read_bytes())
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 3)
-    result = run("predict.py", f"ckpt={trained / 'dsire.safetensors'}", f"lora={tmp_path}", "output=csv")
+    result = run_script("predict.py", f"ckpt={trained / 'dsire.safetensors'}", f"lora={tmp_path}", "output=csv")
     assert result.returncode == 1
     assert len(result.stdout.strip().splitlines()) == 4  # header + the three good files
     assert "broken.safetensors: truncated" in result.stderr
@@ -115,7 +99,7 @@ def test_lorawise_parquet_trains(tmp_path):
     ]
     parquet = write_lorawise(rows, tmp_path / "low_4.parquet")
     out = tmp_path / "run"
-    result = run(
+    result = run_script(
         "train.py",
         "data=lorawise",
         f"data.source.path={parquet}",
@@ -135,7 +119,7 @@ def test_lorawise_parquet_trains(tmp_path):
 
 def test_unseen_sizes_experiment(tmp_path):
     """Fit on N ∈ {1,3,5}, test on all N: on 2, 4, 6 no classifier over {1,3,5} can err by less than 1."""
-    result = run("train.py", "+experiment=unseen_sizes", "logger=csv", f"hydra.run.dir={tmp_path}")
+    result = run_script("train.py", "+experiment=unseen_sizes", "logger=csv", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "metrics.json").read_text())["summary"]
     assert summary["regression_mae_unseen_mean"] < 1.0
@@ -148,7 +132,7 @@ def test_recipe_mismatch_flags(trained: Path, folder: str, flagged: tuple[int, i
     """New concepts from the zoo's recipe pass (false-alarm rate 5%); 3x the learning rate or 2x the steps
     are flagged, every one (data/zoo_check, made by `python -m dsire.zoo`: see the README)."""
     ckpt = trained / "dsire.safetensors"
-    result = run("predict.py", f"ckpt={ckpt}", f"lora={ROOT / 'data' / 'zoo_check' / folder}", "output=json")
+    result = run_script("predict.py", f"ckpt={ckpt}", f"lora={ROOT / 'data' / 'zoo_check' / folder}", "output=json")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(result.stdout)["predictions"]
     assert len(rows) == 12
