@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.report import write_section
+from benchmarks.report import command_line, write_section
 from benchmarks.spectra import reference_spectra
 from benchmarks.synthetic import write_zoo
 from dsire.data.datamodule import LoRAZooDataModule
@@ -93,7 +92,7 @@ def main() -> None:
     ]
     rate = {name: (len(f) / s, mb / s) for name, f, mb, s in runs}
     read, ours, theirs = (rate[name] for name, *_ in runs[:3])
-    command = " ".join(["python -m benchmarks.featurise", *sys.argv[1:]])
+    command = command_line()
     lines = [
         "## Featurisation throughput: dsire vs raw reads vs the paper",
         "",

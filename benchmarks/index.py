@@ -17,13 +17,12 @@ import math
 import multiprocessing as mp
 import platform
 import resource
-import sys
 import time
 
 import faiss
 import numpy as np
 
-from benchmarks.report import write_section
+from benchmarks.report import command_line, write_section
 from dsire.models.module import DSiReModule, Features
 
 
@@ -57,8 +56,8 @@ def run_one(size: int, voters: int, queries: int, factory: str, search: str, out
     prediction = module.predict_features(test)
     predict = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
-    nearest = [module.knn._indices[0].search(module.knn._normalise(0, test.vectors["layer0/delta"]), 1)[1][:, 0]]
-    out.put((fit, predict, peak, prediction.n, nearest[0]))
+    nearest = next(module.knn.neighbours(test.vectors, 1))[1][:, 0]  # voter 0's nearest zoo LoRA
+    out.put((fit, predict, peak, prediction.n, nearest))
 
 
 def measure(size: int, voters: int, queries: int, factory: str, search: str) -> tuple:
@@ -89,7 +88,7 @@ def main() -> None:
                 f" {nn_recall:.3f} | {vote_recall:.3f} |"
             )
             print(rows[-1], flush=True)
-    command = " ".join(["python -m benchmarks.index", *sys.argv[1:]])
+    command = command_line()
     table = "\n".join(
         [
             "## Fit and predict versus zoo size: exact and approximate FAISS indices",

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from dsire.atomic import atomic_write_text
 
 README = Path(__file__).resolve().parent / "README.md"
+
+
+def command_line() -> str:
+    """How the running benchmark was invoked (`python -m benchmarks.<name> <args>`), for its section."""
+    return " ".join([f"python -m benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]])
 
 
 def write_section(name: str, markdown: str, readme: Path = README) -> None:

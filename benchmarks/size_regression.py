@@ -41,11 +41,7 @@ def zoo_features(zoo: Path, cache: Path) -> Features:
 
 def knn_log_n(train: Features, test: Features) -> np.ndarray:
     knn = KNNVote(k=3).fit(train.vectors, train.n)
-    per_voter = []
-    for i, voter in enumerate(knn.voters):
-        query = knn._normalise(i, test.vectors[voter].astype(np.float32))
-        _, ids = knn._indices[i].search(np.ascontiguousarray(query), 3)
-        per_voter.append(np.log(knn.labels[ids]).mean(axis=1))
+    per_voter = [np.log(knn.labels[ids]).mean(axis=1) for _, ids in knn.neighbours(test.vectors, 3)]
     return np.exp(np.median(per_voter, axis=0))
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 
 import torch
 
-from benchmarks.report import write_section
+from benchmarks.report import command_line, write_section
 from benchmarks.synthetic import random_lora
 from dsire.lora import LoRA
 from dsire.spectra import lora_spectra
@@ -62,7 +61,7 @@ def main() -> None:
     all_err = max(float(((approx[n].double() - exact[n].delta).abs() / exact[n].delta[0]).max()) for n in exact)
     ours_err = max(float(((fast[n].delta.double() - exact[n].delta).abs() / exact[n].delta[0]).max()) for n in exact)
 
-    command = " ".join(["python -m benchmarks.spectra", *sys.argv[1:]])
+    command = command_line()
     table = f"""## Spectra: exact QR core vs the paper's `svd_lowrank` on A, B and dense ΔW
 
 `{command}` on {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU,

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.featurise import evict
-from benchmarks.report import write_section
+from benchmarks.report import command_line, write_section
 from benchmarks.synthetic import write_zoo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def main() -> None:
         seconds, peak, spectra = train(manifest, cache, work / re.sub(r"\W+", "_", name), *overrides)
         rows.append(f"| {name} | {seconds:.0f} | {peak:.0f} | {spectra} |")
         print(rows[-1], flush=True)
-    command = " ".join(["python -m benchmarks.train_e2e", *sys.argv[1:]])
+    command = command_line()
     table = "\n".join(
         [
             "## `train.py` end to end on a 1,000-LoRA zoo: cold, warm, DDP; memory while streaming",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from rich.console import Console
 
-from benchmarks.report import write_section
+from benchmarks.report import command_line, write_section
 from dsire.zoo.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +52,7 @@ def main() -> None:
     for workers in (1, 2):
         seconds, per_lora, loras = sweep_seconds(concepts, workers)
         lines.append(f"| {workers} × 1 thread | {loras} | {seconds:.1f} | {seconds / loras:.2f} | {per_lora:.2f} |")
-    command = " ".join(["python -m benchmarks.zoo", *sys.argv[1:]])
+    command = command_line()
     text = f"""## Zoo generation: the tiny recipe
 
 `{command}` on {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}. Each sweep

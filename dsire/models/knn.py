@@ -11,6 +11,7 @@ distance wins; if still tied, the smallest N.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import faiss
@@ -96,20 +97,24 @@ class KNNVote:
     def sizes(self) -> np.ndarray:
         return np.unique(self.labels)
 
-    def predict(self, features: dict[str, np.ndarray]) -> Prediction:
+    def neighbours(self, features: dict[str, np.ndarray], k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Per voter, in order: (distances, zoo indices), each [queries, k], of the k nearest zoo LoRAs."""
         missing = [v for v in self.voters if v not in features]
         if missing:
             raise KeyError(f"features lack {len(missing)} voters, e.g. {missing[0]}")
+        for i, voter in enumerate(self.voters):
+            query = self._normalise(i, np.asarray(features[voter], dtype=np.float32))
+            distances, ids = self._indices[i].search(np.ascontiguousarray(query), k)
+            yield np.sqrt(np.maximum(distances, 0)), ids
+
+    def predict(self, features: dict[str, np.ndarray]) -> Prediction:
         k = min(self.k, len(self.labels))
         sizes = self.sizes
         queries = len(next(iter(features.values())))
         weight = np.zeros((queries, len(sizes)))
         tie_distance = np.zeros((queries, len(sizes)))
         nearest_labels, nearest_distance = [], []
-        for i, voter in enumerate(self.voters):
-            query = self._normalise(i, np.asarray(features[voter], dtype=np.float32))
-            distances, ids = self._indices[i].search(np.ascontiguousarray(query), k)
-            distances = np.sqrt(np.maximum(distances, 0))
+        for distances, ids in self.neighbours(features, k):
             labels = self.labels[ids]
             votes = np.ones_like(distances) if self.weighting == "uniform" else 1.0 / (distances + 1e-12)
             slots = np.searchsorted(sizes, labels)
