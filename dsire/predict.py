@@ -20,9 +20,8 @@ import numpy as np
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import DataLoader
 
-from dsire.data.datamodule import ZooDataset, as_list
+from dsire.data.datamodule import zoo_batches
 from dsire.data.sources import ZooEntry, scan_directory
 from dsire.harvest import claimed_columns
 from dsire.lora.load import PEFT_CONFIG, WEIGHT_SUFFIXES
@@ -68,7 +67,7 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict[str, str]]:
     if not entries:
         return [], unreadable or {str(cfg.lora): "no LoRA files found"}
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
-    loader = DataLoader(ZooDataset(entries, None, cfg.allow_torch_load), batch_size=cfg.batch_size, collate_fn=as_list)
+    loader = zoo_batches(entries, None, cfg.batch_size, cfg.allow_torch_load)
     features = Features.concat(trainer.predict(module, loader) or [])
     rows = []
     if features.keys:

@@ -120,3 +120,17 @@ def test_batch_spectra_across_loras_equals_one_by_one(unet_finetune, unet_finetu
         assert list(spectra) == list(alone)
         for name in alone:
             torch.testing.assert_close(spectra[name].delta, alone[name].delta)
+
+
+def test_ill_conditioned_within_the_gram_bound():
+    """Singular values spread over ten orders of magnitude: the squaring costs digits only below
+    √ε₆₄ · σ₁, so every value is within 1e-7 of σ₁ and the large ones stay relative-exact."""
+    g = torch.Generator().manual_seed(3)
+    q_up = torch.linalg.qr(torch.randn(320, 16, generator=g, dtype=torch.float64)).Q
+    q_down = torch.linalg.qr(torch.randn(768, 16, generator=g, dtype=torch.float64)).Q
+    decay = torch.logspace(0, -10, 16, dtype=torch.float64)
+    up, down = q_up * decay, (q_down * decay.sqrt()).mT
+    s = lowrank_spectra(up, down, 2.0, dtype=torch.float64)
+    for values, reference in ((s.delta, dense_reference(up, down, 2.0)), (s.up, decay), (s.down, decay.sqrt())):
+        assert ((values - reference).abs() <= 1e-7 * reference[0]).all()
+        torch.testing.assert_close(values[:4], reference[:4], rtol=1e-10, atol=0)

@@ -7,9 +7,12 @@ Items are dicts: `key`, `n`, `concept`, and either `spectra` (a cache hit: no we
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dsire.data.cache import SpectraCache
@@ -44,6 +47,48 @@ def as_list(batch: list[dict]) -> list[dict]:
     return batch
 
 
+class ReadAhead:
+    """A DataLoader read one batch ahead in a background thread, so that reading the next LoRAs
+    (disk waits, and copies that release the GIL) overlaps the spectra of this batch.
+
+    Threads, not DataLoader worker processes: workers send every tensor through shared memory,
+    which measured 3× slower than reading in the main process.
+    """
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        batches, done = iter(self.loader), object()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads - 1))  # the reader gets a core of its own (measured: 20% faster on 2)
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsire-read-ahead") as pool:
+                pending = pool.submit(next, batches, done)
+                while (batch := pending.result()) is not done:
+                    pending = pool.submit(next, batches, done)
+                    yield batch
+        finally:
+            torch.set_num_threads(threads)
+
+
+def zoo_batches(
+    entries: list[ZooEntry], cache: SpectraCache | None, batch_size: int, allow_torch_load: bool = False
+) -> ReadAhead:
+    """Batches of zoo items (see `ZooDataset`), each rank reading its own share under DDP, read ahead."""
+    return ReadAhead(
+        DataLoader(
+            ZooDataset(entries, cache, allow_torch_load),
+            batch_size=batch_size,
+            sampler=ShardSampler(len(entries)),  # under DDP each rank reads its own share, no padding
+            collate_fn=as_list,
+        )
+    )
+
+
 def load_entries(source: dict) -> list[ZooEntry]:
     """Entries of a source config: {kind: manifest|labels_dir|lorawise, path, [subset, cache_dir, rank]}."""
     kind = source["kind"]
@@ -64,14 +109,13 @@ class LoRAZooDataModule(pl.LightningDataModule):
         sizes: list[int] | None = None,
         train_sizes: list[int] | None = None,
         batch_size: int = 16,
-        num_workers: int = 0,
         cache_dir: str | None = None,
         cache_settings: dict | None = None,
         allow_torch_load: bool = False,
     ):
         super().__init__()
         self.source, self.split_cfg, self.sizes, self.train_sizes = dict(source), dict(split), sizes, train_sizes
-        self.batch_size, self.num_workers, self.allow_torch_load = batch_size, num_workers, allow_torch_load
+        self.batch_size, self.allow_torch_load = batch_size, allow_torch_load
         self.cache = SpectraCache(cache_dir, cache_settings or {}) if cache_dir else None
         self.entries: list[ZooEntry] = []
         self.splits: list[Split] = []
@@ -89,15 +133,9 @@ class LoRAZooDataModule(pl.LightningDataModule):
     def entries_of(self, concepts: tuple[str, ...] | None = None) -> list[ZooEntry]:
         return [e for e in self.entries if concepts is None or e.concept in concepts]
 
-    def loader(self, entries: list[ZooEntry]) -> DataLoader:
-        return DataLoader(
-            ZooDataset(entries, self.cache, self.allow_torch_load),
-            batch_size=self.batch_size,
-            sampler=ShardSampler(len(entries)),  # under DDP each rank reads its own share, no padding
-            num_workers=self.num_workers,
-            collate_fn=as_list,
-        )
+    def loader(self, entries: list[ZooEntry]) -> ReadAhead:
+        return zoo_batches(entries, self.cache, self.batch_size, self.allow_torch_load)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> ReadAhead:
         """Every entry: `trainer.predict` featurises the whole zoo once, splits reuse the features."""
         return self.loader(self.entries)
