@@ -36,6 +36,7 @@ COLUMNS = (
     "estimated_n",  # the size regression: N as a number, with its conformal interval
     "interval_low",
     "interval_high",
+    "beyond_zoo_sizes",  # the estimate lies outside the zoo's sizes: extrapolated, the least reliable kind
     "mismatch_p",  # small: the LoRA sits farther from the zoo than the zoo's own unseen concepts
     "recipe_mismatch",
     "vote_share",
@@ -73,6 +74,7 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict[str, str]]:
     if features.keys:
         prediction = module.predict_features(features)
         estimate = module.estimate(features, prediction)
+        sizes = module.knn.sizes
         for i, key in enumerate(features.keys):
             n = int(prediction.n[i])
             rows.append(
@@ -83,6 +85,7 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict[str, str]]:
                     "estimated_n": _number(estimate.n[i], 2),
                     "interval_low": _number(estimate.low[i], 2),
                     "interval_high": _number(estimate.high[i], 2),
+                    "beyond_zoo_sizes": not sizes.min() <= estimate.n[i] <= sizes.max(),
                     "mismatch_p": _number(estimate.mismatch_p[i], 4),
                     "recipe_mismatch": bool(estimate.mismatch[i]),
                     "vote_share": round(float(prediction.share[i]), 4),
@@ -100,9 +103,9 @@ def _number(value: float, digits: int) -> float | None:
 
 
 def _estimate_text(row: dict) -> str:
-    """`4.2 [2.1, 8.4]`; an unknown bound shows as `?`."""
+    """`4.2 [2.1, 8.4]`; an unknown bound shows as `?`; `(beyond zoo)` marks an extrapolation."""
     low, high = (f"{row[k]:.3g}" if row[k] is not None else "?" for k in ("interval_low", "interval_high"))
-    return f"{row['estimated_n']:.3g} [{low}, {high}]"
+    return f"{row['estimated_n']:.3g} [{low}, {high}]" + (" (beyond zoo)" if row["beyond_zoo_sizes"] else "")
 
 
 def _mismatch_text(row: dict) -> str:

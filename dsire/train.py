@@ -27,7 +27,13 @@ from dsire.models.checkpoint import save_checkpoint
 from dsire.models.module import DSiReModule, Features, gather_features
 
 SCALARS = ("accuracy", "mae", "mape", "regression_mae", "coverage", "interval_width", "mismatch_rate")
-UNSEEN = ("mae_seen", "regression_mae_unseen", "coverage_unseen")  # with data.train_sizes
+UNSEEN = (  # with data.train_sizes: unseen sizes, those between trained sizes and those beyond their range
+    "mae_seen",
+    "regression_mae_unseen",
+    "regression_mae_between",
+    "regression_mae_beyond",
+    "coverage_unseen",
+)
 
 
 def build(cfg: DictConfig) -> tuple[LoRAZooDataModule, pl.Trainer]:

@@ -218,6 +218,7 @@ ROWS = [
         "estimated_n": 9.5,
         "interval_low": 5.0,
         "interval_high": 18.0,
+        "beyond_zoo_sizes": False,
         "mismatch_p": 0.5,
         "recipe_mismatch": False,
         "vote_share": 0.75,
@@ -233,6 +234,7 @@ ROWS = [
         "estimated_n": 3.2,
         "interval_low": 1.5,
         "interval_high": None,
+        "beyond_zoo_sizes": True,
         "mismatch_p": 0.01,
         "recipe_mismatch": True,
         "vote_share": 1.0,
@@ -245,10 +247,11 @@ ROWS = [
 
 def test_render_shows_claimed_next_to_predicted(capsys, monkeypatch):
     assert render(ROWS, {}, "csv") == (
-        "file,predicted_n,claimed_n,claimed_images_with_repeats,estimated_n,interval_low,interval_high,mismatch_p,"
+        "file,predicted_n,claimed_n,claimed_images_with_repeats,estimated_n,interval_low,interval_high,"
+        "beyond_zoo_sizes,mismatch_p,"
         "recipe_mismatch,vote_share,nearest_distance,disagreeing_voters,disagreeing_layers\n"
-        "a.safetensors,10,12,120,9.5,5.0,18.0,0.5,False,0.75,0.5,0,\n"
-        "b.safetensors,3,,,3.2,1.5,,0.01,True,1.0,0.25,2,unet.a (2)\n"
+        "a.safetensors,10,12,120,9.5,5.0,18.0,False,0.5,False,0.75,0.5,0,\n"
+        "b.safetensors,3,,,3.2,1.5,,True,0.01,True,1.0,0.25,2,unet.a (2)\n"
     )
     assert json.loads(render(ROWS, {}, "json") or "")["predictions"][1]["claimed_n"] is None
     monkeypatch.setenv("COLUMNS", "200")
@@ -267,7 +270,7 @@ def test_render_shows_claimed_next_to_predicted(capsys, monkeypatch):
         "0.5",
         "0",
     ]
-    assert [cell.strip() for cell in b_line.split("│")[4:6]] == ["3.2 [1.5, ?]", "0.010 (!)"]
+    assert [cell.strip() for cell in b_line.split("│")[4:6]] == ["3.2 [1.5, ?] (beyond zoo)", "0.010 (!)"]
 
 
 def test_harvest_cli(unet_finetune: FineTune, tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, make_finetune, run_script, tiny_unet, write_lorawise
+from hydra import compose, initialize_config_dir
 from peft import LoraConfig
 
 from dsire.lora import load_lora
@@ -123,8 +124,21 @@ def test_unseen_sizes_experiment(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "metrics.json").read_text())["summary"]
     assert summary["regression_mae_unseen_mean"] < 1.0
+    assert summary["regression_mae_between_mean"] < summary["regression_mae_beyond_mean"]  # 2, 4 vs 6
     assert abs(summary["coverage_unseen_mean"] - 0.9) <= 0.05
     assert summary["mae_seen_mean"] < summary["mae_mean"]  # the classifier is fine on the sizes it knows
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(experiment: str):
+    """A typo in an experiment (a key, an override, an interpolation) fails here, not in a user's run."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+experiment={experiment}", f"paths.root_dir={ROOT}"])
+    assert cfg.task_name == experiment
+    assert cfg.data.source.path or cfg.data.source.kind != "manifest"
+    if experiment == "unseen_sizes_wide":  # every other size of 1..9: all unseen sizes lie between trained ones
+        assert list(cfg.data.train_sizes) == [1, 3, 5, 7, 9]
+        assert cfg.data.source.path == str(ROOT / "data" / "zoo_wide")
 
 
 @pytest.mark.parametrize(("folder", "flagged"), [("in_recipe", (0, 1)), ("lr_3x", (12, 12)), ("steps_2x", (12, 12))])
@@ -137,3 +151,6 @@ def test_recipe_mismatch_flags(trained: Path, folder: str, flagged: tuple[int, i
     rows = json.loads(result.stdout)["predictions"]
     assert len(rows) == 12
     assert flagged[0] <= sum(row["recipe_mismatch"] for row in rows) <= flagged[1]
+    for row in rows:  # the bundled zoo has N = 1..6: an estimate outside is marked as an extrapolation
+        if abs(row["estimated_n"] - 1) > 0.01 and abs(row["estimated_n"] - 6) > 0.01:  # rounding aside
+            assert row["beyond_zoo_sizes"] == (not 1 <= row["estimated_n"] <= 6)

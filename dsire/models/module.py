@@ -272,6 +272,10 @@ def _estimate_metrics(features: Features, predicted: np.ndarray, estimate: Estim
             "regression_mae_unseen": float(error[~seen].mean()),
             "coverage_unseen": float(inside[~seen].mean()),
         }
+        between = ~seen & (truth > sizes.min()) & (truth < sizes.max())  # between trained sizes, vs beyond them
+        for name, part in (("between", between), ("beyond", ~seen & ~between)):
+            if part.any():
+                out[f"regression_mae_{name}"] = float(error[part].mean())
     return out
 
 
