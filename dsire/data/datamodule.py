@@ -76,17 +76,25 @@ class ReadAhead:
 
 
 def zoo_batches(
-    entries: list[ZooEntry], cache: SpectraCache | None, batch_size: int, allow_torch_load: bool = False
-) -> ReadAhead:
-    """Batches of zoo items (see `ZooDataset`), each rank reading its own share under DDP, read ahead."""
-    return ReadAhead(
-        DataLoader(
-            ZooDataset(entries, cache, allow_torch_load),
-            batch_size=batch_size,
-            sampler=ShardSampler(len(entries)),  # under DDP each rank reads its own share, no padding
-            collate_fn=as_list,
-        )
+    entries: list[ZooEntry],
+    cache: SpectraCache | None,
+    batch_size: int,
+    allow_torch_load: bool = False,
+    read_ahead: bool = True,
+) -> DataLoader | ReadAhead:
+    """Batches of zoo items (see `ZooDataset`), each rank reading its own share under DDP.
+
+    `read_ahead` for passes that read weights; passes over cached spectra are faster without it
+    (1,000 cached SD 1.5 LoRAs: 12.6 s with it, 10.2 s without; probably the many small tensors
+    allocated in one thread and freed in another).
+    """
+    loader = DataLoader(
+        ZooDataset(entries, cache, allow_torch_load),
+        batch_size=batch_size,
+        sampler=ShardSampler(len(entries)),  # under DDP each rank reads its own share, no padding
+        collate_fn=as_list,
     )
+    return ReadAhead(loader) if read_ahead else loader
 
 
 def load_entries(source: dict) -> list[ZooEntry]:
@@ -133,9 +141,10 @@ class LoRAZooDataModule(pl.LightningDataModule):
     def entries_of(self, concepts: tuple[str, ...] | None = None) -> list[ZooEntry]:
         return [e for e in self.entries if concepts is None or e.concept in concepts]
 
-    def loader(self, entries: list[ZooEntry]) -> ReadAhead:
-        return zoo_batches(entries, self.cache, self.batch_size, self.allow_torch_load)
+    def loader(self, entries: list[ZooEntry]) -> DataLoader | ReadAhead:
+        """Test passes: after `predict_dataloader` has filled the cache they read only spectra."""
+        return zoo_batches(entries, self.cache, self.batch_size, self.allow_torch_load, read_ahead=self.cache is None)
 
-    def predict_dataloader(self) -> ReadAhead:
+    def predict_dataloader(self) -> DataLoader | ReadAhead:
         """Every entry: `trainer.predict` featurises the whole zoo once, splits reuse the features."""
-        return self.loader(self.entries)
+        return zoo_batches(self.entries, self.cache, self.batch_size, self.allow_torch_load)
