@@ -60,6 +60,21 @@ def featurize(model: DSiReModule, trainer: pl.Trainer, loader) -> tuple[Features
     return features, sum(gather(model.computed))
 
 
+def leave_out_copies(features: Features, datamodule: LoRAZooDataModule) -> Features:
+    """Keep one of each set of LoRAs with identical spectra (see `Features.copies`); the others
+    are reported as skipped and left out of every split."""
+    copies = features.copies()
+    if not copies:
+        return features
+    kept = features.select(~np.isin(features.keys, list(copies)))
+    kept.errors = features.errors | {
+        key: f"the same spectra as {first}: a copy, left out so it cannot sit on both sides of a split"
+        for key, first in copies.items()
+    }
+    datamodule.entries = [e for e in datamodule.entries if e.key not in copies]
+    return kept
+
+
 def summarize(per_split: list[dict]) -> dict[str, float]:
     """Mean and std over splits of every metric the splits report."""
     summary = {}
@@ -79,6 +94,7 @@ def train(cfg: DictConfig) -> dict:
     features, computed = featurize(model, trainer, datamodule.predict_dataloader())
     read = len(features.keys) + len(features.errors)
     console.print(f"spectra: {computed} computed from weights, {read - computed} from the cache")
+    features = leave_out_copies(features, datamodule)
     for key, problem in features.errors.items():
         console.print(f"[red]skipped[/red] {key}: {problem}")
     per_split = []

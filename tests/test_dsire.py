@@ -136,3 +136,19 @@ def test_approximate_index_options_round_trip(tmp_path):
     assert loaded.predict_features(query).n.tolist() == exact.n.tolist()
     hnsw = DSiReModule(index="HNSW16", index_search="efSearch=64").fit(fit).predict_features(query)
     assert np.mean(hnsw.n == exact.n) >= 0.9  # approximate: recall is measured in benchmarks/
+
+
+def test_copies_are_exact_feature_matches_after_the_first():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((2, 4)), rng.random((2, 4))
+    features = Features(
+        vectors={
+            "v/delta": np.stack([a[0], b[0], a[0], a[0], a[0] + 1e-7]),
+            "v/up": np.stack([a[1], b[1], a[1], a[1], a[1]]),
+        },
+        n=np.array([1, 2, 1, 3, 1]),
+        keys=["a", "b", "a-copy", "a-relabelled", "a-nudged"],
+        concepts=["x", "y", "z", "x", "x"],
+    )
+    assert features.copies() == {"a-copy": "a", "a-relabelled": "a"}  # a change in the 7th digit is another LoRA
+    assert Features().copies() == {}

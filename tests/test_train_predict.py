@@ -90,6 +90,35 @@ def test_predict_directory_with_a_bad_file(trained: Path, tmp_path):
     assert "broken.safetensors: truncated" in result.stderr
 
 
+def test_copies_in_a_zoo_are_left_out(tmp_path):
+    """The same file under a second name and another concept is trained once, and reported."""
+    rows = ["path,n,concept"]
+    for concept in ("m0", "m1", "m2", "m3"):
+        for n in (1, 3, 6):
+            name = f"{concept}_n{n}_r0_step200.safetensors"
+            (tmp_path / name).write_bytes((ZOO / name).read_bytes())
+            rows.append(f"{name},{n},{concept}")
+    (tmp_path / "reupload.safetensors").write_bytes((ZOO / "m0_n3_r0_step200.safetensors").read_bytes())
+    rows.append("reupload.safetensors,3,m9")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    result = run_script(
+        "train.py",
+        f"data.source.path={tmp_path}",
+        "data.split.folds=2",
+        "logger=csv",
+        f"hydra.run.dir={out}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = "".join(result.stdout.split())  # rich wraps long paths
+    assert "reupload.safetensors:thesamespectraas" in shown and "m0_n3_r0_step200.safetensors:acopy" in shown
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [Path(k).name for k in metrics["skipped"]] == ["reupload.safetensors"]
+    tested = [Path(p[0]).name for s in metrics["splits"] for p in s["predictions"]]
+    assert len(tested) == 12 and "reupload.safetensors" not in tested
+
+
 def test_lorawise_parquet_trains(tmp_path):
     """A parquet in the LoRA-WiSE schema goes through `datasets` and trains end to end."""
     config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"])

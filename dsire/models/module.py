@@ -47,6 +47,19 @@ class Features:
             concepts=[self.concepts[i] for i in rows],
         )
 
+    def copies(self) -> dict[str, str]:
+        """{key: the first key with exactly the same feature vectors} for every later copy.
+
+        The same LoRA under two names (a copy, a re-upload, another format) is one data point; twice
+        in a zoo, it can sit on both sides of a split and inflate the test scores.
+        """
+        if not self.keys:
+            return {}
+        rows = np.concatenate([self.vectors[v] for v in sorted(self.vectors)], axis=1)
+        _, first, group = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+        group = group.ravel()
+        return {key: self.keys[first[group[i]]] for i, key in enumerate(self.keys) if first[group[i]] != i}
+
     @classmethod
     def concat(cls, parts: list[Features]) -> Features:
         errors = {k: v for p in parts for k, v in p.errors.items()}
