@@ -54,8 +54,10 @@ def kill_in_hashes_write() -> None:
 if __name__ == "__main__":
     point, k, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     if point == "entry":
+        cache.FLUSH_SECONDS = 0  # the remembered hashes are saved after every entry: they must survive the kill
         kill_in_entry_write(k)
     elif point == "hashes":
+        cache.FLUSH_SECONDS = float("inf")  # the only write of content_hashes.json is the end-of-run one
         kill_in_hashes_write()
     else:
         raise SystemExit(f"unknown kill point {point!r} (entry | hashes)")

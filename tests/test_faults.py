@@ -67,6 +67,8 @@ def test_kill_9_inside_a_cache_entry_write_then_resume(clean, tmp_path):
     assert len(done) == 24  # the 25th was being written to a temporary file, never renamed
     assert_entries_load(tmp_path / "cache")
     before = {name: path.stat().st_mtime_ns for name, path in done.items()}
+    hashes = json.loads((tmp_path / "cache" / "spectra" / "content_hashes.json").read_text())
+    assert {f"{h}.safetensors" for h in hashes.values()} >= done.keys()  # no need to hash those files again
 
     resumed = train(tmp_path / "run", tmp_path / "cache")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -1,7 +1,9 @@
 """On-disk spectra cache, keyed by file content hash and feature settings.
 
 A second run reads no weights: the content hash of a file is remembered against its
-(path, size, mtime), so a cache hit costs a `stat` and one small safetensors read.
+(path, size, mtime), so a cache hit costs a `stat` and one small safetensors read. The remembered
+hashes are saved at least every `FLUSH_SECONDS` while entries are written, so a killed run's
+successor does not hash every file again.
 Entries are written atomically; a torn or foreign entry is treated as a miss and rewritten.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +24,7 @@ from dsire.lora.load import resolve_weights_file
 from dsire.spectra import Spectra
 
 CACHE_VERSION = 1
+FLUSH_SECONDS = 60.0  # rewriting content_hashes.json costs one JSON dump of every hash seen
 _PARTS = ("delta", "down", "up")
 
 
@@ -41,6 +45,7 @@ class SpectraCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._hashes_file = Path(root) / "content_hashes.json"
         self._hashes: dict[str, str] = self._read_hashes()
+        self._flushed = time.monotonic()
 
     def _read_hashes(self) -> dict[str, str]:
         try:
@@ -79,8 +84,11 @@ class SpectraCache:
             tensors[f"{name}/order"] = torch.tensor(order)
         with atomic_path(self._path(entry)) as tmp:
             save_file(tensors, str(tmp))
+        if time.monotonic() - self._flushed >= FLUSH_SECONDS:
+            self.flush()
 
     def flush(self) -> None:
-        """Persist the remembered content hashes (once per run), keeping those other runs added meanwhile."""
+        """Persist the remembered content hashes, keeping those other runs (or DDP ranks) added meanwhile."""
         self._hashes = self._read_hashes() | self._hashes
         atomic_write_text(self._hashes_file, json.dumps(self._hashes))
+        self._flushed = time.monotonic()
