@@ -5,7 +5,7 @@
 On the same kohya files (rank 32, float16, `benchmarks.synthetic`), one run measures:
 - read: `safetensors` load of every tensor plus a sum (bytes off the disk, no math): the ceiling;
 - dsire: what `train.py` does without a spectra cache: `LoRAZooDataModule` batches, the bounded
-  reader with its checks and canonical names, batched QR-core spectra in `DSiReModule.predict_step`;
+  reader with its checks and canonical names, batched Gram-matrix spectra in `DSiReModule.predict_step`;
 - paper: `load_lora`, then `torch.svd_lowrank` of A, B and the dense ΔW of each layer (the paper's code).
 Each is timed cold (the files evicted from the page cache first, with `posix_fadvise`) and, for
 read and dsire, warm (straight after). Figures go to benchmarks/README.md.
