@@ -5,10 +5,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from dsire.errors import exit_on_user_error
 from dsire.predict import run
 
 
 @hydra.main(config_path="configs", config_name="predict", version_base="1.3")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     sys.exit(run(cfg))
 

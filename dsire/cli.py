@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from dsire.errors import EXIT_CODE, ConfigError, require_device
 from dsire.harvest import CONCEPT_SOURCES, harvest, write_manifest
 from dsire.lora import FORMATS, LoRA, LoRAError, load_lora
 from dsire.lora.family import guess_base_model
@@ -69,6 +70,11 @@ def _print_report(report: dict, top: int, console: Console) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    try:
+        require_device("--device", args.device)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CODE
     try:
         lora = load_lora(args.file, args.format, allow_torch_load=args.allow_torch_load, rank=args.rank, row=args.row)
     except LoRAError as exc:

@@ -21,13 +21,16 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from dsire.atomic import atomic_write_text
 from dsire.data.datamodule import zoo_batches
 from dsire.data.sources import ZooEntry, scan_directory
+from dsire.errors import ConfigError, require_device
 from dsire.harvest import claimed_columns
 from dsire.lora.load import PEFT_CONFIG, WEIGHT_SUFFIXES
-from dsire.models.checkpoint import CheckpointError, load_checkpoint
+from dsire.models.checkpoint import load_checkpoint
 from dsire.models.module import Features
 
+OUTPUTS = ("table", "json", "csv")
 COLUMNS = (
     "file",
     "predicted_n",
@@ -152,17 +155,23 @@ def render(rows: list[dict], errors: dict[str, str], output: str) -> str | None:
     return None
 
 
+def check_options(cfg: DictConfig) -> None:
+    """Refuse options that would be ignored or fail late, before any file is read."""
+    if cfg.output not in OUTPUTS:
+        raise ConfigError("output", f"{cfg.output!r} is not allowed; one of {list(OUTPUTS)}")
+    if cfg.output_file and cfg.output == "table":
+        raise ConfigError("output_file", "the table is for the terminal; to write a file use output=json or output=csv")
+    require_device("trainer.accelerator", cfg.trainer.accelerator)
+
+
 def run(cfg: DictConfig) -> int:
-    """Exit code: 0 all predicted, 1 some files failed, 2 the checkpoint itself is unusable."""
-    try:
-        rows, errors = predict(cfg)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Exit code: 0 all predicted, 1 some files failed, 2 the checkpoint itself is unusable (or an option)."""
+    check_options(cfg)
+    rows, errors = predict(cfg)  # a damaged checkpoint raises CheckpointError: one `error:` line, exit 2
     text = render(rows, errors, cfg.output)
     if text is not None:
         if cfg.output_file:
-            Path(cfg.output_file).write_text(text)
+            atomic_write_text(cfg.output_file, text)  # creates its folder
         else:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
     for key, problem in errors.items():

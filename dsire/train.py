@@ -22,6 +22,7 @@ from rich.table import Table
 from dsire.atomic import atomic_write_text
 from dsire.data.datamodule import LoRAZooDataModule
 from dsire.distributed import gather, one_rank_at_a_time
+from dsire.errors import require_device
 from dsire.loggers import finish_loggers, log_metrics, prepare_wandb
 from dsire.models.checkpoint import save_checkpoint
 from dsire.models.module import DSiReModule, Features, gather_features
@@ -37,8 +38,11 @@ UNSEEN = (  # with data.train_sizes: unseen sizes, those between trained sizes a
 
 
 def build(cfg: DictConfig) -> tuple[LoRAZooDataModule, pl.Trainer]:
-    prepare_wandb(cfg.paths.output_dir)
+    """The data module and trainer; their settings and the model's are checked here, before any work."""
+    require_device("trainer.accelerator", cfg.trainer.accelerator)
     datamodule: LoRAZooDataModule = hydra.utils.instantiate(cfg.data)
+    hydra.utils.instantiate(cfg.model)  # refuses a bad model.* value now, not after featurisation
+    prepare_wandb(cfg.paths.output_dir)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)

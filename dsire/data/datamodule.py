@@ -16,9 +16,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dsire.data.cache import SpectraCache
+from dsire.data.config import DataConfig, SourceConfig
 from dsire.data.sources import ZooEntry, from_labels_dir, from_lorawise, from_manifest
 from dsire.data.splits import Split, make_splits
 from dsire.distributed import ShardSampler
+from dsire.errors import ConfigError
 from dsire.lora import LoRAError
 
 
@@ -97,19 +99,27 @@ def zoo_batches(
     return ReadAhead(loader) if read_ahead else loader
 
 
-def load_entries(source: dict) -> list[ZooEntry]:
-    """Entries of a source config: {kind: manifest|labels_dir|lorawise, path, [subset, cache_dir, rank]}."""
-    kind = source["kind"]
-    if kind == "manifest":
-        return from_manifest(Path(source["path"]) / "manifest.csv" if Path(source["path"]).is_dir() else source["path"])
-    if kind == "labels_dir":
-        return from_labels_dir(source["path"], source.get("labels", "labels.csv"))
-    if kind == "lorawise":
-        return from_lorawise(source["path"], source.get("subset"), source["cache_dir"], source.get("rank"))
-    raise ValueError(f"unknown zoo source kind {kind!r} (manifest | labels_dir | lorawise)")
+def load_entries(source: SourceConfig) -> list[ZooEntry]:
+    """Entries of a zoo source; a missing zoo is an error naming the key and how to make it."""
+    path = Path(source.path)
+    if source.kind == "manifest":
+        manifest = path / "manifest.csv" if path.is_dir() else path
+        if not manifest.is_file():
+            make = f"; make the zoo with: {source.make}" if source.make else ""
+            raise ConfigError("data.source.path", f"{manifest} does not exist{make}")
+        return from_manifest(manifest)
+    if source.kind == "labels_dir":
+        if not path.is_dir():
+            raise ConfigError("data.source.path", f"{path} is not a folder (a folder of LoRAs with {source.labels})")
+        if not (path / source.labels).is_file():
+            raise ConfigError("data.source.labels", f"{path / source.labels} does not exist (a CSV: file,n,concept)")
+        return from_labels_dir(path, source.labels)
+    return from_lorawise(source.path, source.subset, source.cache_dir, source.rank)
 
 
 class LoRAZooDataModule(pl.LightningDataModule):
+    """Settings are checked when built (`DataConfig`); what needs the zoo itself, in `setup`."""
+
     def __init__(
         self,
         source: dict,
@@ -122,7 +132,8 @@ class LoRAZooDataModule(pl.LightningDataModule):
         allow_torch_load: bool = False,
     ):
         super().__init__()
-        self.source, self.split_cfg, self.sizes, self.train_sizes = dict(source), dict(split), sizes, train_sizes
+        self.config = DataConfig.build(source, split, sizes, train_sizes, batch_size)
+        self.train_sizes = self.config.train_sizes
         self.batch_size, self.allow_torch_load = batch_size, allow_torch_load
         self.cache = SpectraCache(cache_dir, cache_settings or {}) if cache_dir else None
         self.entries: list[ZooEntry] = []
@@ -131,12 +142,17 @@ class LoRAZooDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.entries:
             return
-        entries = load_entries(self.source)
-        self.entries = [e for e in entries if self.sizes is None or e.n in self.sizes]
-        if not self.entries:
-            raise ValueError(f"no zoo entries with sizes {self.sizes} in {self.source}")
-        concepts = sorted({e.concept for e in self.entries})
-        self.splits = make_splits(concepts, **self.split_cfg)
+        entries = load_entries(self.config.source)
+        zoo_sizes = sorted({e.n for e in entries})
+        sizes = self.config.sizes
+        for key, wanted in (("data.sizes", sizes), ("data.train_sizes", self.train_sizes)):
+            missing = sorted(set(wanted or ()) - set(zoo_sizes))
+            if missing:
+                raise ConfigError(key, f"{missing} not among the zoo's sizes {zoo_sizes}")
+        self.entries = [e for e in entries if sizes is None or e.n in sizes]
+        if len({e.n for e in self.entries}) < 2:
+            raise ConfigError("data.sizes", f"the zoo has one size only ({zoo_sizes}); DSiRe needs two or more")
+        self.splits = make_splits(sorted({e.concept for e in self.entries}), self.config.split)
 
     def entries_of(self, concepts: tuple[str, ...] | None = None) -> list[ZooEntry]:
         return [e for e in self.entries if concepts is None or e.concept in concepts]

@@ -18,11 +18,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dsire.errors import ConfigError
 from dsire.lora import LoRA, LoRAError, load_lora
 from dsire.lora.load import PEFT_CONFIG, os_problem
 from dsire.lora.lorawise import CONCEPT_COLUMN, LABEL_COLUMN, subset_rank
-
-LORAWISE_HF_NAME = "MoSalama98/LoRA-WiSE"
 
 
 @dataclass(frozen=True)
@@ -43,28 +42,47 @@ class ZooEntry:
         return load_lora(self.path, allow_torch_load=allow_torch_load, rank=self.rank, row=self.row or 0)
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of each data row; the file must have the `required` columns."""
     with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = [c for c in required if rows and c not in rows[0]]
-    if not rows or missing:
-        raise LoRAError(path, f"expected a CSV with columns {', '.join(required)} (missing: {missing or 'all rows'})")
+        reader = csv.DictReader(f)
+        rows = [(reader.line_num, row) for row in reader]
+    missing = [c for c in required if c not in (reader.fieldnames or ())]
+    if missing or not rows:
+        columns = ", ".join(reader.fieldnames or ()) or "none"
+        problem = f"missing columns {', '.join(missing)}" if missing else "no rows"
+        raise LoRAError(path, f"{problem}; expected a CSV with columns {', '.join(required)} (found: {columns})")
     return rows
+
+
+def _labelled(table: Path, where: str, path: str, n: object, concept: str | None) -> ZooEntry:
+    """A row's entry; a size that is not a whole number >= 1, or an empty concept, names the file and row."""
+    text = str(n).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise LoRAError(table, f"{where}: n must be a whole number >= 1, got {n!r}")
+    if not (concept or "").strip():
+        raise LoRAError(table, f"{where}: concept is empty (every LoRA needs the concept it was trained on)")
+    return ZooEntry(path, int(text), str(concept))
 
 
 def from_manifest(manifest: str | Path) -> list[ZooEntry]:
     """Entries of a zoo generator's manifest; relative paths are relative to the manifest."""
     manifest = Path(manifest)
     rows = _read_csv(manifest, ("path", "n", "concept"))
-    return [ZooEntry(str(manifest.parent / r["path"]), int(r["n"]), r["concept"]) for r in rows]
+    return [
+        _labelled(manifest, f"line {line}", str(manifest.parent / r["path"]), r["n"], r["concept"]) for line, r in rows
+    ]
 
 
 def from_labels_dir(directory: str | Path, labels: str = "labels.csv") -> list[ZooEntry]:
     """Entries of a directory of LoRA files in any format, labelled by `labels.csv` (file,n,concept)."""
     directory = Path(directory)
-    rows = _read_csv(directory / labels, ("file", "n", "concept"))
-    entries = [ZooEntry(str(directory / r["file"]), int(r["n"]), r["concept"]) for r in rows]
-    _refuse_same_file_twice(directory / labels, entries)
+    table = directory / labels
+    entries = [
+        _labelled(table, f"line {line}", str(directory / r["file"]), r["n"], r["concept"])
+        for line, r in _read_csv(table, ("file", "n", "concept"))
+    ]
+    _refuse_same_file_twice(table, entries)
     return entries
 
 
@@ -148,7 +166,8 @@ def from_parquet_files(files: list[str | Path], rank: int | None = None) -> list
         for row, (n, concept) in enumerate(
             zip(table[LABEL_COLUMN].to_pylist(), table[CONCEPT_COLUMN].to_pylist(), strict=True)
         ):
-            entries.append(ZooEntry(str(file), int(n), str(concept), row=row, rank=file_rank))
+            entry = _labelled(file, f"row {row}", str(file), n, "" if concept is None else str(concept))
+            entries.append(ZooEntry(entry.path, entry.n, entry.concept, row=row, rank=file_rank))
     return entries
 
 
@@ -163,12 +182,21 @@ def lorawise_files(dataset: str | Path, subset: str | None, cache_dir: str | Pat
     local = Path(dataset)
     if local.exists():
         files = sorted(map(str, local.rglob("*.parquet"))) if local.is_dir() else [str(local)]
+        if not files:
+            raise ConfigError("data.source.path", f"{local} holds no .parquet files")
         builder = load_dataset_builder("parquet", data_files=files, cache_dir=str(cache_dir))
-    else:
+        return [Path(f) for f in builder.config.data_files["train"]]
+    try:  # network errors, an unknown dataset or subset, offline mode: all OSErrors in datasets/huggingface_hub
         builder = load_dataset_builder(str(dataset), subset, cache_dir=str(cache_dir))
-    data_files = list(builder.config.data_files["train"])
-    manager = DownloadManager(download_config=DownloadConfig(cache_dir=str(cache_dir)))
-    return [Path(f) for f in manager.download(data_files)]
+        manager = DownloadManager(download_config=DownloadConfig(cache_dir=str(cache_dir)))
+        return [Path(f) for f in manager.download(list(builder.config.data_files["train"]))]
+    except OSError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            "data.source.path",
+            f"cannot get the Hugging Face dataset {dataset} ({reason}); with no network, give a local copy of its "
+            "parquet files (data.source.path=DIR)",
+        ) from exc
 
 
 def from_lorawise(

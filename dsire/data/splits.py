@@ -10,6 +10,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from dsire.data.config import SplitConfig
+from dsire.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Split:
@@ -37,9 +40,14 @@ def paper(concepts: list[str], n_train: int, repeats: int, seed: int = 0) -> lis
     return splits
 
 
-def make_splits(concepts: list[str], protocol: str, folds: int, n_train: int, repeats: int, seed: int) -> list[Split]:
-    if protocol == "kfold":
-        return kfold(concepts, folds, seed)
-    if protocol == "paper":
-        return paper(concepts, n_train, repeats, seed)
-    raise ValueError(f"unknown split protocol {protocol!r} (kfold | paper)")
+def make_splits(concepts: list[str], config: SplitConfig) -> list[Split]:
+    """The splits `config` asks for; too few concepts for them is an error naming the key."""
+    if config.protocol == "kfold":
+        if config.folds > len(concepts):
+            raise ConfigError(
+                "data.split.folds", f"{config.folds} folds need {config.folds} concepts; the zoo has {len(concepts)}"
+            )
+        return kfold(concepts, config.folds, config.seed)
+    if config.n_train >= len(concepts):
+        raise ConfigError("data.split.n_train", f"{config.n_train} leaves no test concept out of {len(concepts)}")
+    return paper(concepts, config.n_train, config.repeats, config.seed)

@@ -4,15 +4,19 @@ Everything prediction needs is in it: per-voter index vectors, training labels, 
 bounds, voter (layer/part) names, feature and vote settings, the size regression and its
 calibration (held-out errors and distances), and recipe metadata from the zoo.
 Loading goes through the same bounded safetensors reader as LoRA files, and every field is
-checked, so a tampered or truncated checkpoint is refused with a clear error.
+checked, so a truncated or structurally damaged checkpoint is refused with a clear error. The
+header also holds a SHA-256 of every tensor's bytes, so damage inside a tensor (a flipped byte) is
+refused too. It is a checksum, not a signature: whoever can rewrite the file can rewrite the hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.torch import save_file
 
 from dsire.atomic import atomic_path
@@ -23,12 +27,22 @@ from dsire.models.knn import KNNVote
 from dsire.models.module import DSiReModule
 from dsire.models.regression import SizeRegressor
 
-FORMAT = "dsire-checkpoint-v2"
+FORMAT = "dsire-checkpoint-v3"  # v3: content hash of the tensors
 HEADER_KEY = "dsire_checkpoint"
 
 
 class CheckpointError(LoRAError):
     """A DSiRe checkpoint that cannot be trusted or read; names the file and the problem."""
+
+
+def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_checkpoint(module: DSiReModule, path: str | Path) -> Path:
@@ -46,6 +60,7 @@ def save_checkpoint(module: DSiReModule, path: str | Path) -> Path:
     if module.calibration is not None:
         calibration_tensors, header["calibration"] = module.calibration.state()
         tensors |= calibration_tensors
+    header["sha256"] = content_hash(tensors)
     with atomic_path(path) as tmp:
         save_file(
             {k: v.contiguous() for k, v in tensors.items()},
@@ -65,6 +80,8 @@ def load_checkpoint(path: str | Path, use_faiss_gpu: bool = True) -> DSiReModule
         header = json.loads(file_metadata[HEADER_KEY])
         if header["format"] != FORMAT:
             raise ValueError(f"format {header['format']!r}, expected {FORMAT}")
+        if header["sha256"] != content_hash(tensors):
+            raise ValueError("the tensors' content hash differs from the one saved with them (a damaged file)")
         voters = header["knn"]["voters"]
         n_train = tensors["labels"].shape[0]
         for i in range(len(voters)):

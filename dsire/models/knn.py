@@ -57,8 +57,12 @@ class KNNVote:
         index: str = "Flat",
         search: str = "",
     ):
-        if weighting not in WEIGHTINGS or normalisation not in NORMALISATIONS or k < 1:
-            raise ValueError(f"k >= 1, weighting in {WEIGHTINGS}, normalisation in {NORMALISATIONS}")
+        if k < 1:
+            raise ValueError(f"k={k}: need k >= 1")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={weighting!r}: one of {WEIGHTINGS}")
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation={normalisation!r}: one of {NORMALISATIONS}")
         self.k, self.weighting, self.normalisation, self.use_gpu = k, weighting, normalisation, use_gpu
         self.index, self.search = index, search  # FAISS factory string and search parameters
         self.voters: list[str] = []

@@ -21,6 +21,7 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 from dsire.data.cache import SpectraCache
 from dsire.distributed import gather
 from dsire.models.calibration import Calibration, FitPredict, calibrate
+from dsire.models.config import ModelConfig
 from dsire.models.features import FeatureSpec, stack
 from dsire.models.knn import KNNVote, Prediction
 from dsire.models.regression import SizeRegressor
@@ -115,7 +116,8 @@ class DSiReModule(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.spec = FeatureSpec(tuple(parts), num_sv)
+        self.config = ModelConfig(**self.hparams)  # refuses a bad value, naming its key
+        self.spec = FeatureSpec(self.config.parts, num_sv)
         self.knn = self._new_knn()
         self.regressor = SizeRegressor()
         self.calibration: Calibration | None = None  # intervals and mismatch p-values; None below 2 concepts
