@@ -18,6 +18,8 @@ from conftest import (
     write_peft,
 )
 from diffusers import StableDiffusionXLPipeline
+from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+from safetensors.torch import load_file, save_file
 
 from dsire.lora import LoRA, LoRAError, load_lora, read_lorawise, subset_rank
 from dsire.lora.names import kohya_to_canonical
@@ -81,6 +83,32 @@ def test_diffusers_pipeline_file(unet_finetune: FineTune, clip_finetune: FineTun
     assert lora.format == "diffusers"
     assert not lora.notes  # alpha and patterns came from lora_adapter_metadata
     assert_matches(lora, unet_finetune.deltas() | clip_finetune.deltas())
+
+
+def test_diffusers_file_mixing_both_spellings(unet_finetune: FineTune, tmp_path):
+    """diffusers' own converter writes `.lora.down/up` for attention and keeps `lora_A/B` for convolutions:
+    every layer is read (before, the attention layers were dropped as non-LoRA tensors)."""
+    state = {f"unet.{k}": v.contiguous() for k, v in convert_state_dict_to_diffusers(unet_finetune.state).items()}
+    assert any(".lora.down." in k for k in state) and any(".lora_A." in k for k in state)
+    path = tmp_path / "mixed.safetensors"
+    save_file(state, str(path))
+    lora = load_lora(path)
+    assert lora.format == "diffusers"
+    reference = load_lora(write_peft(unet_finetune, tmp_path / "adapter"))  # the same factors, with alpha
+    assert sorted(lora.layers) == sorted(reference.layers) == sorted(unet_finetune.deltas())
+    for name, layer in reference.layers.items():
+        assert torch.equal(lora.layers[name].down, layer.down) and torch.equal(lora.layers[name].up, layer.up)
+    assert not any("ignored" in note for note in lora.notes)
+
+
+def test_layers_in_another_layout_are_refused_not_dropped(unet_finetune: FineTune, tmp_path):
+    kohya = tmp_path / "k.safetensors"
+    write_kohya(unet_finetune, None, kohya)
+    state = load_file(str(kohya)) | {"unet.extra.to_q.lora_A.weight": torch.ones(2, 4)}
+    path = tmp_path / "mixed.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(LoRAError, match="1 tensors are LoRA weights in another layout than 'kohya'"):
+        load_lora(path)
 
 
 def test_diffusers_old_layouts(unet_finetune_alpha_r: FineTune, clip_finetune: FineTune, tmp_path):

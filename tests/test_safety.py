@@ -153,6 +153,14 @@ def test_down_without_up(tmp_path):
 
 
 @pytest.mark.hostile
+def test_alpha_without_down_and_up(tmp_path):
+    state = good_state() | {"lora_unet_down_blocks_0_attentions_0_proj_out.alpha": torch.tensor(4.0)}
+    path = tmp_path / "a.safetensors"
+    save_file(state, str(path))
+    expect_error(path, "has an alpha without its down and up")
+
+
+@pytest.mark.hostile
 def test_rank_mismatch(tmp_path):
     state = good_state()
     state["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"] = torch.randn(32, 3)

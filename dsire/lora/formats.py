@@ -139,9 +139,15 @@ def _canonical_kohya(key: str) -> tuple[str, str] | None:
     return name, "alpha" if m["alpha"] else m["role"]
 
 
+def _canonical_diffusers(key: str) -> tuple[str, str] | None:
+    """diffusers' `convert_state_dict_to_diffusers` writes `.lora.down/up` for linear layers but keeps
+    `lora_A/B` for convolutions: one file, both spellings."""
+    return _canonical_peft(key) or _canonical_old(key)
+
+
 _KEY_PARSERS = {
     "peft": _canonical_peft,
-    "diffusers": _canonical_peft,
+    "diffusers": _canonical_diffusers,
     "diffusers_old": _canonical_old,
     "lorawise": _canonical_old,
     "kohya": _canonical_kohya,
@@ -172,6 +178,8 @@ def _check_tensor(t: torch.Tensor, role: str, name: str, source: str | Path) -> 
 
 
 def _build_layer(name: str, parts: _Parts, alpha: float | None, rslora: bool, source: str | Path) -> LoRALayer:
+    if parts.down is None and parts.up is None:
+        raise LoRAError(source, f"layer {name}: has an alpha without its down and up")
     if parts.down is None or parts.up is None:
         missing = "up" if parts.up is None else "down"
         raise LoRAError(source, f"layer {name}: has a {'down' if missing == 'up' else 'up'} without its {missing}")
@@ -234,6 +242,13 @@ def build_lora(
         setattr(parts, role, tensor)
     if not grouped or all(p.down is None and p.up is None for p in grouped.values()):
         raise LoRAError(source, f"no LoRA weights found for format {fmt!r} among {len(tensors)} tensors")
+    other_layout = [key for key in ignored if any(other(key) for other in _KEY_PARSERS.values())]
+    if other_layout:  # never drop layers silently
+        raise LoRAError(
+            source,
+            f"{len(other_layout)} tensors are LoRA weights in another layout than {fmt!r} "
+            f"(e.g. {other_layout[0]!r}); a file mixing layouts is refused rather than read in part",
+        )
 
     configs = configs or {}
     layers: dict[str, LoRALayer] = {}
