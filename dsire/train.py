@@ -55,13 +55,15 @@ def new_model(cfg: DictConfig, datamodule: LoRAZooDataModule) -> DSiReModule:
     return model
 
 
-def featurize(model: DSiReModule, trainer: pl.Trainer, loader) -> tuple[Features, int]:
-    """Every LoRA's features (gathered from all ranks) and how many spectra were computed from weights."""
+def featurize(model: DSiReModule, trainer: pl.Trainer, loader) -> tuple[Features, str]:
+    """Every LoRA's features (gathered from all ranks), and where their spectra came from, in words."""
     features = gather_features(Features.concat(trainer.predict(model, loader) or []))
     if model.cache is not None:
         for _ in one_rank_at_a_time():
             model.cache.flush()
-    return features, sum(gather(model.computed))
+    computed, cached = sum(gather(model.computed)), sum(gather(model.cached))
+    unreadable = len(features.errors)
+    return features, f"{computed} computed from weights, {cached} from the cache, {unreadable} not usable"
 
 
 def leave_out_copies(features: Features, datamodule: LoRAZooDataModule) -> Features:
@@ -95,14 +97,13 @@ def train(cfg: DictConfig) -> dict:
     console = Console(quiet=not trainer.is_global_zero)  # every rank holds the same results; one reports
     datamodule.setup("fit")
     model = new_model(cfg, datamodule)
-    features, computed = featurize(model, trainer, datamodule.predict_dataloader())
-    read = len(features.keys) + len(features.errors)
-    console.print(f"spectra: {computed} computed from weights, {read - computed} from the cache")
+    features, sources = featurize(model, trainer, datamodule.predict_dataloader())
+    console.print(f"spectra: {sources}")
     features = leave_out_copies(features, datamodule)
     for key, problem in features.errors.items():
         console.print(f"[red]skipped[/red] {key}: {problem}")
     per_split = []
-    for i, split in enumerate(datamodule.splits):
+    for i, split in enumerate(datamodule.splits_of(features.concepts)):
         model = new_model(cfg, datamodule)
         train_sizes = datamodule.train_sizes or features.n
         model.fit(features.select(np.isin(features.concepts, split.train) & np.isin(features.n, train_sizes)))

@@ -119,6 +119,32 @@ def test_copies_in_a_zoo_are_left_out(tmp_path):
     assert len(tested) == 12 and "reupload.safetensors" not in tested
 
 
+def test_an_unreadable_file_changes_nothing_for_the_others(tmp_path):
+    """Splits come from the readable LoRAs' concepts: a listed file that is missing (the only one of its
+    concept) leaves the other concepts' folds and results as they were, and the counts say what happened."""
+    rows = ["path,n,concept"]
+    for concept in ("m0", "m1", "m2", "m3"):
+        for n in (1, 3, 6):
+            name = f"{concept}_n{n}_r0_step200.safetensors"
+            (tmp_path / name).write_bytes((ZOO / name).read_bytes())
+            rows.append(f"{name},{n},{concept}")
+    results = {}
+    for label, extra in (("complete", []), ("with_missing", ["gone.safetensors,2,m9"])):
+        (tmp_path / "manifest.csv").write_text("\n".join(rows + extra) + "\n")
+        out = tmp_path / label
+        result = run_script(
+            "train.py", f"data.source.path={tmp_path}", "data.split.folds=2", "~logger", "~callbacks",
+            f"hydra.run.dir={out}", f"paths.cache_dir={out / 'cache'}",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[label] = (result.stdout, json.loads((out / "metrics.json").read_text()))
+    assert "spectra: 12 computed from weights, 0 from the cache, 0 not usable" in results["complete"][0]
+    assert "spectra: 12 computed from weights, 0 from the cache, 1 not usable" in results["with_missing"][0]
+    complete, with_missing = results["complete"][1], results["with_missing"][1]
+    assert [Path(k).name for k in with_missing["skipped"]] == ["gone.safetensors"]
+    assert with_missing["splits"] == complete["splits"] and with_missing["summary"] == complete["summary"]
+
+
 def test_lorawise_parquet_trains(tmp_path):
     """A parquet in the LoRA-WiSE schema goes through `datasets` and trains end to end."""
     config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"])

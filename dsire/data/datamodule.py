@@ -137,7 +137,6 @@ class LoRAZooDataModule(pl.LightningDataModule):
         self.batch_size, self.allow_torch_load = batch_size, allow_torch_load
         self.cache = SpectraCache(cache_dir, cache_settings or {}) if cache_dir else None
         self.entries: list[ZooEntry] = []
-        self.splits: list[Split] = []
 
     def setup(self, stage: str | None = None) -> None:
         if self.entries:
@@ -152,7 +151,12 @@ class LoRAZooDataModule(pl.LightningDataModule):
         self.entries = [e for e in entries if sizes is None or e.n in sizes]
         if len({e.n for e in self.entries}) < 2:
             raise ConfigError("data.sizes", f"the zoo has one size only ({zoo_sizes}); DSiRe needs two or more")
-        self.splits = make_splits(sorted({e.concept for e in self.entries}), self.config.split)
+        self.splits_of([e.concept for e in self.entries])  # too few concepts: fail before reading any weights
+
+    def splits_of(self, concepts: list[str]) -> list[Split]:
+        """Concept-grouped splits of these concepts: those of the LoRAs that could be read, so that an
+        unreadable file cannot change how the other concepts are split."""
+        return make_splits(sorted(set(concepts)), self.config.split)
 
     def entries_of(self, concepts: tuple[str, ...] | None = None) -> list[ZooEntry]:
         return [e for e in self.entries if concepts is None or e.concept in concepts]

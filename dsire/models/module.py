@@ -124,7 +124,8 @@ class DSiReModule(pl.LightningModule):
         self.spectra_dtype = getattr(torch, spectra_dtype)
         self.cache: SpectraCache | None = None  # set by the runner to fill the cache on misses
         self.metadata: dict[str, str] = {}  # recipe facts saved with the checkpoint
-        self.computed = 0  # LoRAs whose spectra this module computed (the rest came from the cache)
+        self.computed = 0  # LoRAs whose spectra this module computed from their weights
+        self.cached = 0  # LoRAs whose spectra came from the cache
         self._test = []
 
     # --- featurisation -------------------------------------------------------------------------
@@ -137,6 +138,7 @@ class DSiReModule(pl.LightningModule):
         good = [item for item in batch if "error" not in item]
         todo = [item for item in good if "spectra" not in item]
         self.computed += len(todo)
+        self.cached += len(good) - len(todo)
         for item, spectra in zip(
             todo, batch_spectra([i["lora"] for i in todo], self.device, self.spectra_dtype), strict=True
         ):
