@@ -71,11 +71,14 @@ class PerLayerAccuracy(pl.Callback):
         parts = list(dict.fromkeys(v.rsplit("/", 1)[1] for v in self.hits))
         grid = np.array([[accuracy.get(f"{layer}/{part}", np.nan) for part in parts] for layer in layers])
         # one image, not one bar per voter: an SD 1.5 model has 384 voters
-        figure, axis = plt.subplots(figsize=(4 + 1.2 * len(parts), 2 + 0.05 * len(layers)))
-        image = axis.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        shown = range(0, len(layers), -(-len(layers) // 40))  # at most 40 names, each readable; all are in the table
+        figure, axis = plt.subplots(figsize=(4 + 1.2 * len(parts), 2 + 0.2 * len(shown)))
+        low, high = float(np.nanmin(grid)), float(np.nanmax(grid))  # the colours span the accuracies there are
+        image = axis.imshow(
+            grid, aspect="auto", cmap="viridis", vmin=low, vmax=max(high, low + 1e-3), interpolation="nearest"
+        )
         axis.set(xticks=range(len(parts)), xticklabels=parts, title="per-layer retrieval (1-NN accuracy alone)")
-        shown = range(0, len(layers), -(-len(layers) // 40))  # at most 40 names; all are in the table
-        axis.set_yticks(shown, [layers[i] for i in shown], fontsize=6)
+        axis.set_yticks(shown, [layers[i] for i in shown], fontsize=8)
         figure.colorbar(image, ax=axis, fraction=0.05)
         log_figure(trainer, "per_layer_accuracy", figure, self.output_dir)
         plt.close(figure)
@@ -123,7 +126,8 @@ class IntervalCoverage(pl.Callback):
         figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         jitter = np.random.default_rng(0).uniform(-0.2, 0.2, len(truth))
         left.errorbar(truth + jitter, estimate, yerr=[estimate - low, high - estimate], fmt="o", ms=3, alpha=0.5)
-        left.plot([sizes[0], sizes[-1]], [sizes[0], sizes[-1]], "k--", lw=1)
+        identity = np.linspace(sizes[0], sizes[-1], 200)  # many points: a straight segment is wrong on a log axis
+        left.plot(identity, identity, "k--", lw=1)
         left.set(xlabel="true N", ylabel="estimated N", yscale="log", title="size estimate with interval")
         inside = (low <= truth) & (truth <= high)
         right.bar(sizes, [inside[truth == s].mean() for s in sizes])

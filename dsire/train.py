@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import hydra
@@ -118,10 +119,21 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         report["checkpoint"] = str(_save_model(cfg, datamodule, features))
         out = Path(cfg.paths.output_dir)
-        atomic_write_text(out / "metrics.json", json.dumps(report, indent=1))
+        atomic_write_text(out / "metrics.json", json.dumps(finite(report), indent=1, allow_nan=False))
         console.print(f"model: {report['checkpoint']}\nmetrics: {out / 'metrics.json'}")
     finish_loggers(trainer)
     return report
+
+
+def finite(value):
+    """`value` with every NaN or infinite float replaced by None: JSON has no such numbers."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _save_model(cfg: DictConfig, datamodule: LoRAZooDataModule, features: Features) -> Path:

@@ -262,6 +262,12 @@ class DSiReModule(pl.LightningModule):
         } | _estimate_metrics(features, predicted, self.estimate(features, prediction), self.knn.sizes)
 
 
+INTERVAL_UNDEFINED = (
+    "no interval: the calibration has too few held-out LoRAs (or concepts) for model.coverage, so its bounds "
+    "are infinite and coverage and width are not reported"
+)
+
+
 def _estimate_metrics(features: Features, predicted: np.ndarray, estimate: Estimate, sizes: np.ndarray) -> dict:
     """Regression error, interval coverage and width, mismatch (false-alarm) rate; seen vs unseen sizes."""
     truth = features.n
@@ -277,18 +283,20 @@ def _estimate_metrics(features: Features, predicted: np.ndarray, estimate: Estim
         ],  # key, N, estimate, low, high, mismatch p
     }
     if np.isfinite(estimate.mismatch_p).all():
-        out |= {
-            "coverage": float(inside.mean()),
-            "interval_width": float((estimate.high - estimate.low).mean()),
-            "mismatch_rate": float(estimate.mismatch.mean()),
-        }
+        out["mismatch_rate"] = float(estimate.mismatch.mean())
+    intervals = bool(np.isfinite(estimate.high).all())
+    if intervals:
+        out |= {"coverage": float(inside.mean()), "interval_width": float((estimate.high - estimate.low).mean())}
+    else:  # an infinite interval covers everything: a coverage of 1 would say nothing
+        out["interval_undefined"] = INTERVAL_UNDEFINED
     seen = np.isin(truth, sizes)
     if seen.any() and not seen.all():  # sizes absent from training: how well does the estimate interpolate?
         out |= {
             "mae_seen": float(np.abs(predicted - truth)[seen].mean()),
             "regression_mae_unseen": float(error[~seen].mean()),
-            "coverage_unseen": float(inside[~seen].mean()),
         }
+        if intervals:
+            out["coverage_unseen"] = float(inside[~seen].mean())
         between = ~seen & (truth > sizes.min()) & (truth < sizes.max())  # between trained sizes, vs beyond them
         for name, part in (("between", between), ("beyond", ~seen & ~between)):
             if part.any():

@@ -1,0 +1,69 @@
+"""What a run reports: valid JSON in metrics.json, and figures that draw what they claim."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_script
+
+from dsire import callbacks
+
+ZOO = ROOT / "data" / "zoo"
+
+
+def strict_json(text: str):
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_json_is_valid_when_intervals_are_undefined(tmp_path):
+    """3 concepts × N ∈ {1, 6}: each training fold calibrates on 4 held-out LoRAs, too few for 90%, so the
+    intervals are infinite. metrics.json says so instead of a coverage of 1 (and holds no Infinity/NaN)."""
+    rows = ["path,n,concept"]
+    for concept in ("m0", "m1", "m2"):
+        for n in (1, 6):
+            name = f"{concept}_n{n}_r0_step200.safetensors"
+            (tmp_path / name).write_bytes((ZOO / name).read_bytes())
+            rows.append(f"{name},{n},{concept}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    result = run_script(
+        "train.py", f"data.source.path={tmp_path}", "data.split.folds=3", "~logger", "~callbacks",
+        f"hydra.run.dir={out}", f"paths.cache_dir={out / 'cache'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = strict_json((out / "metrics.json").read_text())
+    assert "coverage_mean" not in metrics["summary"] and "interval_width_mean" not in metrics["summary"]
+    assert all("no interval" in split["interval_undefined"] for split in metrics["splits"])
+    assert all(row[4] is None for split in metrics["splits"] for row in split["estimates"])  # infinite high bound
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> dict:
+    figures = {}
+    monkeypatch.setattr(callbacks, "log_figure", lambda trainer, key, figure, out: figures.setdefault(key, figure))
+    monkeypatch.setattr(callbacks, "log_table", lambda *args: None)
+    return figures
+
+
+def test_identity_line_is_straight_on_the_log_axis(drawn):
+    estimates = [[f"k{n}", n, n * 1.1, n / 2, n * 2, 0.5] for n in (1, 2, 3, 6)]
+    module = SimpleNamespace(test_results={"estimates": estimates}, calibration=SimpleNamespace(coverage=0.9))
+    callbacks.IntervalCoverage("unused").on_test_end(None, module)
+    left = drawn["interval_coverage"].axes[0]
+    x, y = next(line.get_data() for line in left.get_lines() if line.get_linestyle() == "--")
+    assert len(x) >= 100 and np.array_equal(x, y) and x[0] == 1 and x[-1] == 6
+
+
+def test_per_layer_colours_span_the_accuracies(drawn):
+    accuracy = {f"layer{i}/{part}": 0.2 + 0.01 * i for i in range(30) for part in ("delta", "up")}
+    module = SimpleNamespace(test_results={"per_voter_accuracy": accuracy})
+    callbacks.PerLayerAccuracy("unused").on_test_end(None, module)
+    axis = drawn["per_layer_accuracy"].axes[0]
+    assert axis.get_images()[0].get_clim() == pytest.approx((0.2, 0.49))
+    assert all(label.get_fontsize() >= 8 for label in axis.get_yticklabels())
