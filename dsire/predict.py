@@ -19,7 +19,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from dsire.atomic import atomic_write_text
 from dsire.data.datamodule import zoo_batches
@@ -31,6 +33,7 @@ from dsire.models.checkpoint import load_checkpoint
 from dsire.models.module import Features
 
 OUTPUTS = ("table", "json", "csv")
+FILE_MIN_WIDTH = 12
 COLUMNS = (
     "file",
     "predicted_n",
@@ -135,24 +138,40 @@ def render(rows: list[dict], errors: dict[str, str], output: str) -> str | None:
         writer.writeheader()
         writer.writerows(rows)
         return buffer.getvalue()
-    table = Table(title="How many images was each LoRA trained on?")
-    table.add_column("file", overflow="fold", min_width=16)
-    for column in ("N", "claimed N (×repeats)", "estimate [interval]", "mismatch p", "vote share", "nearest distance"):
-        table.add_column(column, overflow="fold")
-    table.add_column("disagreeing voters", overflow="fold")  # which ones: output=json or csv
-    for row in rows:
-        table.add_row(
-            row["file"],
+    print_table(rows)
+    return None
+
+
+def print_table(rows: list[dict], console: Console | None = None) -> None:
+    """The table, never cropped: piped, it is as wide as its content; in a narrow terminal, no narrower
+    than its longest words. Cells and headers are plain text (a `[` in a file name is not markup)."""
+    headers = ("N", "claimed N\n(×repeats)", "estimate\n[interval]", "mismatch\np", "vote\nshare", "nearest\ndistance")
+    headers += ("disagreeing\nvoters",)  # which ones: output=json or csv
+    cells = [
+        (
             str(row["predicted_n"]),
             _claimed_text(row["claimed_n"], row["claimed_images_with_repeats"]),
-            _estimate_text(row),
+            _estimate_text(row).replace(" (beyond", "\n(beyond"),
             _mismatch_text(row),
             f"{row['vote_share']:.2f}",
             f"{row['nearest_distance']:.4g}",
             str(row["disagreeing_voters"]),
         )
-    Console().print(table)
-    return None
+        for row in rows
+    ]
+    table = Table(title="How many images was each LoRA trained on?")
+    table.add_column("file", overflow="fold", min_width=FILE_MIN_WIDTH)  # the one column that may fold
+    widths = [FILE_MIN_WIDTH]
+    for i, header in enumerate(headers):
+        widths.append(max(len(line) for text in (header, *(c[i] for c in cells)) for line in text.splitlines()))
+        table.add_column(Text(header), no_wrap=True, min_width=widths[-1])
+    for row, texts in zip(rows, cells, strict=True):
+        table.add_row(Text(row["file"]), *map(Text, texts))
+    console = console or Console()
+    narrowest = 1 + sum(width + 3 for width in widths)  # each column: its width, padding 2, a rule
+    widest = Measurement.get(console, console.options.update_width(10**6), table).maximum
+    console.width = max(console.width, narrowest) if console.is_terminal else max(widest, narrowest)
+    console.print(table)
 
 
 def check_options(cfg: DictConfig) -> None:

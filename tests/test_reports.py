@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import ROOT, run_script
+from rich.console import Console
 
-from dsire import callbacks
+from dsire import callbacks, predict
 
 ZOO = ROOT / "data" / "zoo"
 
@@ -67,3 +69,42 @@ def test_per_layer_colours_span_the_accuracies(drawn):
     axis = drawn["per_layer_accuracy"].axes[0]
     assert axis.get_images()[0].get_clim() == pytest.approx((0.2, 0.49))
     assert all(label.get_fontsize() >= 8 for label in axis.get_yticklabels())
+
+
+PREDICTION = {
+    "file": "loras/[v2] cat.safetensors",
+    "predicted_n": 55,
+    "claimed_n": 120,
+    "claimed_images_with_repeats": 1200,
+    "estimated_n": 54.2,
+    "interval_low": 20.1,
+    "interval_high": 140.0,
+    "beyond_zoo_sizes": True,
+    "mismatch_p": 0.0123,
+    "recipe_mismatch": True,
+    "vote_share": 0.55,
+    "nearest_distance": 0.012345,
+    "disagreeing_voters": 55,
+}
+PREDICT_HEADERS = (
+    "claimed N (×repeats)",
+    "estimate [interval]",
+    "mismatch p",
+    "nearest distance",
+    "disagreeing voters",
+)
+CELLS = ("55", "120 (1200)", "54.2 [20.1, 140] (beyond zoo)", "0.012 (!)", "0.55", "0.01235")
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_prediction_table_is_never_cropped(terminal):
+    """Piped (or in a terminal narrower than the table), every cell and header is shown whole; `[...]` is text."""
+    buffer = io.StringIO()
+    predict.print_table([PREDICTION], Console(file=buffer, width=60, force_terminal=terminal, color_system=None))
+    shown = buffer.getvalue()
+    assert all(len(line) <= 200 for line in shown.splitlines())
+    flat = " ".join(shown.replace("│", " ").replace("┃", " ").split())  # cells may span lines: compare words
+    for text in (*CELLS, *PREDICT_HEADERS):
+        assert all(word in flat for word in text.split()), text
+    if not terminal:  # piped: the file name is whole too
+        assert "loras/[v2] cat.safetensors" in shown
