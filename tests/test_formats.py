@@ -6,6 +6,7 @@ import json
 import re
 from types import SimpleNamespace
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import (
@@ -21,9 +22,12 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
 from safetensors.torch import load_file, save_file
 
+from dsire.data.cache import SpectraCache
+from dsire.data.sources import ZooEntry
 from dsire.lora import LoRA, LoRAError, load_lora, read_lorawise, subset_rank
 from dsire.lora.names import kohya_to_canonical
 from dsire.lora.save import save_lora
+from dsire.spectra import lora_spectra
 
 
 def assert_matches(lora: LoRA, expected: dict[str, torch.Tensor]) -> None:
@@ -141,6 +145,36 @@ def test_lorawise_parquet_flat_and_nested(unet_finetune_alpha_r: FineTune, tmp_p
             assert lora.format == "lorawise"
             assert_matches(lora, unet_finetune_alpha_r.deltas())
         assert load_lora(path, rank=4, row=1).labels["n"] == 5
+
+
+def test_lorawise_row_k_skips_the_row_groups_before_it(unet_finetune_alpha_r: FineTune, tmp_path, monkeypatch):
+    """Reading row k decodes rows from its own row group on, not every row from 0 (quadratic over a zoo)."""
+    rows = [(unet_finetune_alpha_r, n, f"c{n}") for n in range(1, 7)]
+    path = write_lorawise(rows, tmp_path / "rows.parquet")
+    pq.write_table(pq.read_table(path), path, row_group_size=2)  # groups: rows 0-1, 2-3, 4-5
+    decoded = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def counting(self, *args, **kwargs):
+        for batch in iter_batches(self, *args, **kwargs):
+            decoded.append(batch.column("label")[0].as_py())
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting)
+    assert load_lora(path, rank=4, row=5).labels == {"n": 6, "concept": "c6"}
+    assert decoded == [5, 6]
+    decoded.clear()
+    assert load_lora(path, rank=4, row=2).labels["n"] == 3 and decoded == [3]
+    assert [lo.labels["n"] for lo in read_lorawise(path, rank=4)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_spectra_cache_tells_ranks_of_a_parquet_row_apart(unet_finetune_alpha_r: FineTune, tmp_path):
+    """Flat columns reshaped with another rank are other matrices: `data.source.rank` must not reuse spectra."""
+    path = write_lorawise([(unet_finetune_alpha_r, 1, "c")], tmp_path / "rows.parquet")
+    cache = SpectraCache(tmp_path / "cache", {})
+    rank4, rank2 = ZooEntry(str(path), 1, "c", row=0, rank=4), ZooEntry(str(path), 1, "c", row=0, rank=2)
+    cache.put(rank4, lora_spectra(rank4.load()))
+    assert cache.get(rank4) is not None and cache.get(rank2) is None
 
 
 def test_lorawise_flat_needs_rank(unet_finetune_alpha_r: FineTune, tmp_path):

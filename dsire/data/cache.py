@@ -61,7 +61,8 @@ class SpectraCache:
         stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         if stamp not in self._hashes:
             self._hashes[stamp] = file_hash(path)
-        return self._hashes[stamp] + (f"-row{entry.row}" if entry.row is not None else "")
+        # a parquet row's flat columns are reshaped with the entry's rank: another rank, other spectra
+        return self._hashes[stamp] + (f"-row{entry.row}-rank{entry.rank}" if entry.row is not None else "")
 
     def _path(self, entry: ZooEntry) -> Path:
         return self.dir / f"{self._content_key(entry)}.safetensors"

@@ -72,9 +72,9 @@ def read_lorawise(
     weight_columns = [n for n in names if n not in (LABEL_COLUMN, CONCEPT_COLUMN)]
     if len(weight_columns) > limits.max_tensors:
         raise LoRAError(path, f"{len(weight_columns)} weight columns, over the {limits.max_tensors} limit")
-    index = 0
+    groups, index = _row_groups_from(parquet, rows.start if rows is not None else 0)
     try:
-        for batch in parquet.iter_batches(batch_size=1):
+        for batch in parquet.iter_batches(batch_size=1, row_groups=groups):
             if rows is None or index in rows:
                 yield _row_to_lora(batch, weight_columns, rank, f"{path}#row={index}")
             index += 1
@@ -82,6 +82,18 @@ def read_lorawise(
                 return
     except (pa.ArrowException, OSError) as exc:  # Arrow raises corrupt pages as OSError, not ArrowException
         raise LoRAError(path, f"corrupt parquet data at row {index} ({exc})") from exc
+
+
+def _row_groups_from(parquet: pq.ParquetFile, start: int) -> tuple[list[int], int]:
+    """The row groups from the one holding row `start` on, and that group's first row: reading row k
+    skips whole groups instead of decoding every row before it."""
+    first = 0
+    for group in range(parquet.num_row_groups):
+        size = parquet.metadata.row_group(group).num_rows
+        if start < first + size:
+            return list(range(group, parquet.num_row_groups)), first
+        first += size
+    return [], first
 
 
 def _row_to_lora(batch: pa.RecordBatch, weight_columns: list[str], rank: int | None, source: str) -> LoRA:
