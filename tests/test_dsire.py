@@ -6,10 +6,12 @@ import json
 import struct
 from collections import defaultdict
 
+import faiss
 import numpy as np
 import pytest
 import torch
 
+from dsire.models import knn as knn_module
 from dsire.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dsire.models.features import FeatureSpec
 from dsire.models.module import DSiReModule, Features
@@ -136,6 +138,30 @@ def test_approximate_index_options_round_trip(tmp_path):
     assert loaded.predict_features(query).n.tolist() == exact.n.tolist()
     hnsw = DSiReModule(index="HNSW16", index_search="efSearch=64").fit(fit).predict_features(query)
     assert np.mean(hnsw.n == exact.n) >= 0.9  # approximate: recall is measured in benchmarks/
+
+
+def test_search_parameters_of_a_gpu_index_go_through_gpu_parameter_space(monkeypatch):
+    """faiss.ParameterSpace does not reach GPU IVF indices; where the index went to the GPU, the search
+    parameters are set by GpuParameterSpace (faked here: the same calls as on a CUDA machine)."""
+    applied = []
+
+    class Space:
+        def __init__(self, kind: str):
+            self.kind = kind
+
+        def set_index_parameters(self, index, search):
+            applied.append((self.kind, search))
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: index)
+    monkeypatch.setattr(faiss, "GpuParameterSpace", lambda: Space("gpu"), raising=False)
+    monkeypatch.setattr(faiss, "ParameterSpace", lambda: Space("cpu"))
+    vectors = np.random.default_rng(0).random((64, 4)).astype(np.float32)
+    knn_module._index(vectors, "IVF4,Flat", "nprobe=4", use_gpu=True)
+    knn_module._index(vectors, "HNSW16", "efSearch=64", use_gpu=True)  # no GPU HNSW: stays on the CPU
+    knn_module._index(vectors, "IVF4,Flat", "nprobe=4", use_gpu=False)
+    assert applied == [("gpu", "nprobe=4"), ("cpu", "efSearch=64"), ("cpu", "nprobe=4")]
 
 
 def test_copies_are_exact_feature_matches_after_the_first():

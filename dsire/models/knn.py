@@ -34,14 +34,20 @@ def _index(vectors: np.ndarray, factory: str, search: str, use_gpu: bool) -> fai
     """A FAISS index from its factory string ("Flat": exact; "HNSW32", "IVF256,Flat": approximate)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     index = faiss.index_factory(vectors.shape[1], factory)
-    on_gpu = not factory.startswith("HNSW")  # FAISS has no GPU HNSW
-    if use_gpu and on_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+    on_gpu = (
+        use_gpu
+        and not factory.startswith("HNSW")  # FAISS has no GPU HNSW
+        and hasattr(faiss, "StandardGpuResources")
+        and faiss.get_num_gpus() > 0
+    )
+    if on_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
     if not index.is_trained:
         index.train(vectors)
     index.add(vectors)
-    if search:
-        faiss.ParameterSpace().set_index_parameters(index, search)
+    if search:  # ParameterSpace does not reach GPU indices (IVF's nprobe): they have their own
+        space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
+        space.set_index_parameters(index, search)
     return index
 
 
