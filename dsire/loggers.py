@@ -6,15 +6,52 @@ never the user's home, so runs are self-contained and work on machines without n
 
 from __future__ import annotations
 
+import csv
 import io
+import logging
 import netrc
 import os
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch import loggers
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
+
+from dsire.atomic import atomic_write_text
+
+
+class WandbLogger(loggers.WandbLogger):
+    """Lightning's W&B logger, without the `anonymous=None` it always passes to `wandb.init` (W&B warns
+    that the setting has no effect, on every run)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._wandb_init.pop("anonymous", None)
+
+
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless cloud logging" not in record.getMessage()
+
+
+def quiet_library_noise() -> None:
+    """Silence, where they are emitted, two library messages every run printed that say nothing about it:
+    Lightning's litlogger advert, and the FutureWarning torch raises each time Lightning builds a
+    `LeafSpec` (once per `trainer.predict`/`test` call)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+
+
+def log_run_settings(trainer: pl.Trainer, settings: dict) -> None:
+    """Every setting that shapes the results (data source, sizes, split, seed, model), not only `model.*`:
+    runs on other data must not look identical in W&B."""
+    for logger in trainer.loggers:
+        logger.log_hyperparams(settings)
 
 
 def wandb_logged_in() -> bool:
@@ -59,7 +96,7 @@ def log_figure(trainer: pl.Trainer, key: str, figure: Figure, output_dir: str | 
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
+        if isinstance(logger, loggers.WandbLogger):
             logger.log_image(key, [str(path)])
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_figure(key, figure)
@@ -71,14 +108,15 @@ def log_table(trainer: pl.Trainer, key: str, columns: list[str], rows: list[list
     path = Path(output_dir) / "tables" / f"{key.replace('/', '_')}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
-    buffer.write(",".join(columns) + "\n")
-    buffer.writelines(",".join(map(str, row)) + "\n" for row in rows)
-    path.write_text(buffer.getvalue())
+    writer = csv.writer(buffer, lineterminator="\n")  # quotes a field holding a comma or a quote
+    writer.writerow(columns)
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
+        if isinstance(logger, loggers.WandbLogger):
             logger.log_table(key, columns=columns, data=rows)
         elif isinstance(logger, CSVLogger):
-            (Path(logger.log_dir) / path.name).write_text(buffer.getvalue())
+            atomic_write_text(Path(logger.log_dir) / path.name, buffer.getvalue())
     return path
 
 
@@ -86,5 +124,5 @@ def finish_loggers(trainer: pl.Trainer) -> None:
     """Flush every logger; W&B runs are finished so their summary is written (also offline)."""
     for logger in trainer.loggers:
         logger.finalize("success")
-        if isinstance(logger, WandbLogger):
+        if isinstance(logger, loggers.WandbLogger):
             logger.experiment.finish()

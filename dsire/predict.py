@@ -28,6 +28,7 @@ from dsire.data.datamodule import zoo_batches
 from dsire.data.sources import ZooEntry, scan_directory
 from dsire.errors import ConfigError, require_device
 from dsire.harvest import claimed_columns
+from dsire.loggers import quiet_library_noise
 from dsire.lora.load import PEFT_CONFIG, WEIGHT_SUFFIXES
 from dsire.models.checkpoint import load_checkpoint
 from dsire.models.module import Features
@@ -186,6 +187,7 @@ def check_options(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> int:
     """Exit code: 0 all predicted, 1 some files failed, 2 the checkpoint itself is unusable (or an option)."""
     check_options(cfg)
+    quiet_library_noise()
     rows, errors = predict(cfg)  # a damaged checkpoint raises CheckpointError: one `error:` line, exit 2
     text = render(rows, errors, cfg.output)
     if text is not None:

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -19,15 +21,17 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from dsire.atomic import atomic_write_text
 from dsire.data.datamodule import LoRAZooDataModule
 from dsire.distributed import gather, one_rank_at_a_time
 from dsire.errors import require_device
-from dsire.loggers import finish_loggers, log_metrics, prepare_wandb
+from dsire.loggers import finish_loggers, log_metrics, log_run_settings, prepare_wandb, quiet_library_noise
 from dsire.models.checkpoint import save_checkpoint
 from dsire.models.module import DSiReModule, Features, gather_features
 
+log = logging.getLogger(__name__)
 SCALARS = ("accuracy", "mae", "mape", "regression_mae", "coverage", "interval_width", "mismatch_rate")
 UNSEEN = (  # with data.train_sizes: unseen sizes, those between trained sizes and those beyond their range
     "mae_seen",
@@ -43,11 +47,30 @@ def build(cfg: DictConfig) -> tuple[LoRAZooDataModule, pl.Trainer]:
     require_device("trainer.accelerator", cfg.trainer.accelerator)
     datamodule: LoRAZooDataModule = hydra.utils.instantiate(cfg.data)
     hydra.utils.instantiate(cfg.model)  # refuses a bad model.* value now, not after featurisation
+    quiet_library_noise()
     prepare_wandb(cfg.paths.output_dir)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    log_run_settings(trainer, {key: resolved[key] for key in ("seed", "data", "model", "trainer")})
     return datamodule, trainer
+
+
+class Report:
+    """What a run says: printed on the terminal (rank 0) and logged as text into the run's train.log."""
+
+    def __init__(self, quiet: bool):
+        self.console = Console(quiet=quiet)
+
+    def __call__(self, renderable) -> None:
+        if self.console.quiet:
+            return
+        self.console.print(renderable)
+        text = Console(file=io.StringIO(), width=200, color_system=None)
+        text.print(renderable)
+        for line in text.file.getvalue().rstrip().splitlines():
+            log.info(line)
 
 
 def new_model(cfg: DictConfig, datamodule: LoRAZooDataModule) -> DSiReModule:
@@ -95,14 +118,14 @@ def summarize(per_split: list[dict]) -> dict[str, float]:
 def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, trainer = build(cfg)
-    console = Console(quiet=not trainer.is_global_zero)  # every rank holds the same results; one reports
+    say = Report(quiet=not trainer.is_global_zero)  # every rank holds the same results; one reports
     datamodule.setup("fit")
     model = new_model(cfg, datamodule)
     features, sources = featurize(model, trainer, datamodule.predict_dataloader())
-    console.print(f"spectra: {sources}")
+    say(f"spectra: {sources}")
     features = leave_out_copies(features, datamodule)
     for key, problem in features.errors.items():
-        console.print(f"[red]skipped[/red] {key}: {problem}")
+        say(Text.assemble(("skipped", "red"), f" {key}: {problem}"))
     per_split = []
     for i, split in enumerate(datamodule.splits_of(features.concepts)):
         model = new_model(cfg, datamodule)
@@ -114,13 +137,13 @@ def train(cfg: DictConfig) -> dict:
         log_metrics(trainer, {f"split/{k}": results[k] for k in SCALARS + UNSEEN if k in results}, step=i)
     summary = summarize(per_split)
     log_metrics(trainer, summary, step=len(per_split))
-    _print(summary, per_split, cfg, console)
+    _print(summary, per_split, cfg, say)
     report = {"summary": summary, "splits": per_split, "skipped": features.errors}
     if trainer.is_global_zero:
         report["checkpoint"] = str(_save_model(cfg, datamodule, features))
         out = Path(cfg.paths.output_dir)
         atomic_write_text(out / "metrics.json", json.dumps(finite(report), indent=1, allow_nan=False))
-        console.print(f"model: {report['checkpoint']}\nmetrics: {out / 'metrics.json'}")
+        say(f"model: {report['checkpoint']}\nmetrics: {out / 'metrics.json'}")
     finish_loggers(trainer)
     return report
 
@@ -147,16 +170,16 @@ def _save_model(cfg: DictConfig, datamodule: LoRAZooDataModule, features: Featur
     return save_checkpoint(model, Path(cfg.paths.output_dir) / "dsire.safetensors")
 
 
-def _print(summary: dict, per_split: list[dict], cfg: DictConfig, console: Console) -> None:
+def _print(summary: dict, per_split: list[dict], cfg: DictConfig, say: Report) -> None:
     table = Table(title=f"DSiRe, {len(per_split)} concept-grouped splits ({cfg.data.split.protocol})")
     for column in ("metric", "mean", "std"):
         table.add_column(column)
     for name in SCALARS + UNSEEN:
         if f"{name}_mean" in summary:
             table.add_row(name, f"{summary[f'{name}_mean']:.3f}", f"{summary[f'{name}_std']:.3f}")
-    console.print(table)
+    say(table)
     sizes = sorted({s for r in per_split for s in r["per_size_accuracy"]})
     per_size = {
         s: np.mean([r["per_size_accuracy"][s] for r in per_split if s in r["per_size_accuracy"]]) for s in sizes
     }
-    console.print("accuracy per N: " + ", ".join(f"{s}: {a:.2f}" for s, a in per_size.items()))
+    say("accuracy per N: " + ", ".join(f"{s}: {a:.2f}" for s, a in per_size.items()))

@@ -108,3 +108,33 @@ def test_prediction_table_is_never_cropped(terminal):
         assert all(word in flat for word in text.split()), text
     if not terminal:  # piped: the file name is whole too
         assert "loras/[v2] cat.safetensors" in shown
+
+
+def test_a_run_logs_its_results_and_settings_everywhere_without_library_noise(tmp_path):
+    """`logger=many` (W&B offline, CSV, TensorBoard): every logger gets the data settings, not only `model.*`;
+    train.log holds the results; the litlogger advert, torch's LeafSpec warning and W&B's `anonymous`
+    warning are not printed."""
+    rows = ["path,n,concept"]
+    for concept in ("m0", "m1", "m2", "m3"):
+        for n in (1, 3, 6):
+            name = f"{concept}_n{n}_r0_step200.safetensors"
+            (tmp_path / name).write_bytes((ZOO / name).read_bytes())
+            rows.append(f"{name},{n},{concept}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    result = run_script(
+        "train.py", f"data.source.path={tmp_path}", "data.split.folds=2", "logger=many", "~callbacks",
+        f"hydra.run.dir={out}", f"paths.cache_dir={out / 'cache'}", env={"HOME": str(tmp_path / "home")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout + result.stderr
+    for noise in ("litlogger", "LeafSpec", "anonymous"):
+        assert noise not in printed, noise
+    log = (out / "train.log").read_text()
+    assert "spectra: 12 computed from weights, 0 from the cache, 0 not usable" in log
+    assert "accuracy_mean" not in log and "accuracy per N:" in log and "regression_mae" in log
+    hparams = (out / "csv" / "version_0" / "hparams.yaml").read_text()
+    assert str(tmp_path) in hparams and "folds: 2" in hparams and "seed: 0" in hparams
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    records = next((out / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()  # what `wandb sync` sends
+    assert str(tmp_path).encode() in records and b"n_train" in records
