@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +256,15 @@ def test_checkpoint_with_a_flipped_tensor_byte_is_refused(small_checkpoint, tmp_
     result = run_script("predict.py", f"ckpt={damaged}", f"lora={ZOO / 'm5_n3_r0_step200.safetensors'}")
     one_error_line(result, f"{damaged}: not a valid DSiRe checkpoint")
     assert "content hash differs" in result.stderr
+
+
+def test_readme_index_search_examples_parse():
+    """Every `model.index_search` override the README shows parses (shell quoting removed) and is accepted."""
+    readme = (ROOT / "README.md").read_text()
+    examples = re.findall(r"`([^`]*model\.index_search[^`]*)`", readme)
+    assert examples
+    for example in examples:
+        overrides = [o for o in shlex.split(example) if o.startswith("model.index_search")]
+        cfg = compose_train(*overrides)
+        assert cfg.model.index_search == "efSearch=64"
+        DSiReModule(index_search=cfg.model.index_search)
