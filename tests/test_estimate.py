@@ -58,26 +58,38 @@ def synthetic_zoo(rng: np.random.Generator, concepts: int, sizes=(1, 2, 3, 4, 5,
     return Features(vectors=vectors, n=n, keys=[f"{c}-{i}" for i, c in enumerate(names)], concepts=names)
 
 
-def test_interval_coverage_on_unseen_concepts_near_target():
-    rng = np.random.default_rng(1)
-    module = DSiReModule(coverage=0.8).fit(synthetic_zoo(rng, 40))
-    test = synthetic_zoo(rng, 200)
-    estimate = module.estimate(test, module.predict_features(test))
-    covered = np.mean((estimate.low <= test.n) & (test.n <= estimate.high))
-    assert abs(covered - 0.8) < 0.05
+SEEDS = range(30)  # one zoo is one draw of the calibration: a single seed proves little either way
 
 
-def test_mismatch_flags_another_recipe_and_spares_this_one():
-    rng = np.random.default_rng(2)
-    module = DSiReModule(false_alarm=0.05).fit(synthetic_zoo(rng, 40))
-    same = synthetic_zoo(rng, 100)
-    other = synthetic_zoo(rng, 20)
-    other.vectors = {v: x * 3.0 for v, x in other.vectors.items()}  # e.g. 3x the learning rate
-    flagged = {
-        name: module.estimate(f, module.predict_features(f)).mismatch.mean()
-        for name, f in [("same", same), ("other", other)]
-    }
-    assert flagged["same"] <= 0.08 and flagged["other"] >= 0.9
+@pytest.fixture(scope="module")
+def over_seeds() -> dict[str, np.ndarray]:
+    """Per seed: a 40-concept zoo, 200 unseen concepts of its recipe and 20 of another (3× the spectra);
+    the interval coverage on the unseen concepts and the share of each set flagged as another recipe."""
+    coverage, same, other = [], [], []
+    for seed in SEEDS:
+        rng = np.random.default_rng(seed)
+        module = DSiReModule(coverage=0.8, false_alarm=0.05).fit(synthetic_zoo(rng, 40))
+        test, foreign = synthetic_zoo(rng, 200), synthetic_zoo(rng, 20)
+        foreign.vectors = {v: x * 3.0 for v, x in foreign.vectors.items()}  # e.g. 3x the learning rate
+        estimate = module.estimate(test, module.predict_features(test))
+        coverage.append(np.mean((estimate.low <= test.n) & (test.n <= estimate.high)))
+        same.append(estimate.mismatch.mean())
+        other.append(module.estimate(foreign, module.predict_features(foreign)).mismatch.mean())
+    return {"coverage": np.array(coverage), "same": np.array(same), "other": np.array(other)}
+
+
+def test_interval_coverage_on_unseen_concepts_near_target(over_seeds):
+    """Averaged over 30 zoos (standard error about 0.008), coverage is at the 0.8 target, two-sided: the
+    cross-fit's models see fewer concepts than the final one, so it errs slightly high, never low."""
+    assert 0.79 <= over_seeds["coverage"].mean() <= 0.83
+
+
+def test_mismatch_false_alarm_rate_near_design_and_another_recipe_flagged(over_seeds):
+    """In-recipe unseen concepts are flagged at about `false_alarm` (0.05) on average, two-sided (standard
+    error about 0.003; conservative for the same reason as the coverage); another recipe is flagged
+    in most cases, in every zoo."""
+    assert 0.025 <= over_seeds["same"].mean() <= 0.06
+    assert over_seeds["other"].mean() >= 0.85 and over_seeds["other"].min() >= 0.7
 
 
 def test_calibration_predicts_at_most_max_points():

@@ -5,11 +5,15 @@ on the other concepts and predicts the held-out ones, exactly as it will predict
 it has never seen. That gives, for every zoo LoRA, a held-out error |log N − log N̂| and a held-out
 nearest-neighbour distance.
 
-- Interval (split-conformal, in log N so its width scales with N): N̂·exp(±q), q the
+- Interval (in log N so its width scales with N): N̂·exp(±q) around the refit model's estimate, q the
   ⌈(m+1)·coverage⌉-th smallest of the m held-out errors (infinite when m is too small for the target).
+  This is K-fold cross-conformal with a refit (Barber et al. 2021's "CV" interval), not split-conformal:
+  it has no finite-sample guarantee. The cross-fit's models see (K−1)/K of the concepts, so their
+  held-out errors and distances run larger than the refit model's: intervals and mismatch p-values
+  are conservative, the more so the fewer the folds.
 - Recipe mismatch: a LoRA's mean nearest-neighbour distance over voters, as a conformal p-value
   against the held-out distances of the zoo's own LoRAs: the share of them at least as far. A LoRA
-  from the zoo's recipe gets p < `false_alarm` with probability about `false_alarm`; a LoRA that sits
+  from the zoo's recipe gets p < `false_alarm` with probability at most about `false_alarm`; a LoRA that sits
   farther from the zoo than the zoo's own unseen concepts do gets a small p and is flagged.
 """
 
