@@ -32,7 +32,13 @@ def trained(tmp_path_factory) -> Path:
 def test_train_reports_metrics_and_figures(trained: Path):
     metrics = json.loads((trained / "metrics.json").read_text())
     assert len(metrics["splits"]) == 5 and not metrics["skipped"]
-    assert 0.0 <= metrics["summary"]["accuracy_mean"] <= 1.0
+    summary = metrics["summary"]
+    # the README's headline figures; the run is deterministic, and one LoRA predicted otherwise moves a
+    # fold-averaged rate by 1/36/5 = 0.0056, so the tolerance lets at most one through
+    readme = {"accuracy": 0.489, "mae": 0.661, "regression_mae": 0.424, "coverage": 0.928, "mismatch_rate": 0.006}
+    for name, value in readme.items():
+        assert summary[f"{name}_mean"] == pytest.approx(value, abs=0.006), name
+    assert summary["interval_width_mean"] == pytest.approx(2.04, abs=0.02)
     expected = {"confusion_matrix.png", "per_layer_accuracy.png", "spectrum_vs_n.png"}
     assert expected <= {p.name for p in (trained / "figures").iterdir()}
     assert (trained / "dsire.safetensors").is_file()

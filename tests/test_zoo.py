@@ -171,8 +171,16 @@ def test_kill_9_then_resume(tmp_path):
         assert lora.metadata["dsire_seed"] == row["seed"] == "0"
 
 
-def test_vote_is_majority_with_ties_to_smallest_n():
+def test_vote_is_majority_with_ties_to_the_smaller_summed_distance_then_smallest_n():
+    """The documented tie rule, in cases the old one (ties to the smaller N) gets wrong. Features 0..10
+    normalise to 0..1; the zoo has N = 1 at 0 and N = 6 at 10 in both voters."""
     train = {"a": np.array([[0.0], [10.0]], np.float32), "b": np.array([[0.0], [10.0]], np.float32)}
-    test = {"a": np.array([[1.0], [9.0]], np.float32), "b": np.array([[9.0], [9.0]], np.float32)}
-    # first test model: voter a says 1, voter b says 6 -> tie -> 1; second: both say 6
-    assert vote(train, np.array([1, 6]), test).tolist() == [1, 6]
+    test = {
+        "a": np.array([[1.0], [3.0], [0.5], [8.0]], np.float32),
+        "b": np.array([[9.0], [9.0], [7.0], [9.0]], np.float32),
+    }
+    # 1: a votes 1 at 0.1, b votes 6 at 0.1: equal distances, the smaller N wins
+    # 2: a votes 1 at 0.3, b votes 6 at 0.1: 6 is nearer and wins (the old rule said 1)
+    # 3: a votes 1 at 0.05, b votes 6 at 0.3: 1 is nearer and wins
+    # 4: both vote 6: a majority
+    assert vote(train, np.array([1, 6]), test).tolist() == [1, 6, 1, 6]
