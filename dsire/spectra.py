@@ -6,7 +6,7 @@ of s² G_up G_down, which are those of the symmetric s² Fᵀ G_up F for any fac
 (F from the eigendecomposition, which, unlike Cholesky, also exists when down is rank-deficient).
 So every spectrum is an r×r symmetric eigenproblem, and the only pass over the out×r and r×in
 factors is one matrix product each, which BLAS runs at full speed (a QR of the same factors is
-2-3× slower: LAPACK runs it on one core per batch).
+slower: LAPACK runs it on one core per batch; see benchmarks/README.md).
 
 Squaring halves the digits, so the Grams and eigenproblems are float64: singular values carry an
 absolute error near √ε₆₄ · σ₁ ≈ 1.5e-8 · σ₁, below float32's own rounding and far below float16
@@ -108,7 +108,7 @@ def _singular_values(eigenvalues: torch.Tensor, possible_rank: int) -> torch.Ten
 CHUNK_BYTES = 32 << 20
 """Most float64 factor bytes per call: bounds the working memory (also on a GPU), and keeps CPU
 allocations small enough to reuse freed memory instead of faulting in fresh pages every call
-(which made one big batch 2× slower than chunks)."""
+(one big batch was slower than chunks)."""
 
 
 def batch_spectra(

@@ -79,7 +79,7 @@ def new_model(cfg: DictConfig, datamodule: LoRAZooDataModule) -> DSiReModule:
     return model
 
 
-def featurize(model: DSiReModule, trainer: pl.Trainer, loader) -> tuple[Features, str]:
+def featurise(model: DSiReModule, trainer: pl.Trainer, loader) -> tuple[Features, str]:
     """Every LoRA's features (gathered from all ranks), and where their spectra came from, in words."""
     features = gather_features(Features.concat(trainer.predict(model, loader) or []))
     if model.cache is not None:
@@ -121,7 +121,7 @@ def train(cfg: DictConfig) -> dict:
     say = Report(quiet=not trainer.is_global_zero)  # every rank holds the same results; one reports
     datamodule.setup("fit")
     model = new_model(cfg, datamodule)
-    features, sources = featurize(model, trainer, datamodule.predict_dataloader())
+    features, sources = featurise(model, trainer, datamodule.predict_dataloader())
     say(f"spectra: {sources}")
     features = leave_out_copies(features, datamodule)
     for key, problem in features.errors.items():

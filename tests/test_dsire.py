@@ -74,7 +74,7 @@ def test_feature_spec_parts_and_truncation():
         FeatureSpec(parts=("nope",))
 
 
-def test_featurize_reports_mismatched_layers_and_ranks():
+def test_featurise_reports_mismatched_layers_and_ranks():
     module = DSiReModule(parts=("delta",))
     items = [
         {"key": "a", "n": 1, "concept": "c", "spectra": spectra_for(4, ["l1", "l2"], 1.0)},
@@ -82,7 +82,7 @@ def test_featurize_reports_mismatched_layers_and_ranks():
         {"key": "c", "n": 3, "concept": "c", "spectra": spectra_for(8, ["l1", "l2"], 1.0)},
         {"key": "d", "n": 1, "concept": "c", "error": "truncated"},
     ]
-    features = module.featurize(items)
+    features = module.featurise(items)
     assert features.keys == ["a"]
     assert "missing l2/delta" in features.errors["b"]
     assert "another rank" in features.errors["c"]

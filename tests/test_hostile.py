@@ -238,7 +238,7 @@ def small_checkpoint(tmp_path_factory) -> Path:
     entries = from_manifest(ZOO / "manifest.csv")[:24]
     module = DSiReModule(use_faiss_gpu=False)
     items = [{"key": e.key, "n": e.n, "concept": e.concept, "lora": e.load()} for e in entries]
-    module.fit(module.featurize(items))
+    module.fit(module.featurise(items))
     return save_checkpoint(module, tmp_path_factory.mktemp("model") / "dsire.safetensors")
 
 

@@ -54,7 +54,7 @@ class ReadAhead:
     (disk waits, and copies that release the GIL) overlaps the spectra of this batch.
 
     Threads, not DataLoader worker processes: workers send every tensor through shared memory,
-    which measured 3× slower than reading in the main process.
+    which was slower than reading in the main process.
     """
 
     def __init__(self, loader: DataLoader):
@@ -66,7 +66,7 @@ class ReadAhead:
     def __iter__(self) -> Iterator[list[dict]]:
         batches, done = iter(self.loader), object()
         threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads - 1))  # the reader gets a core of its own (measured: 20% faster on 2)
+        torch.set_num_threads(max(1, threads - 1))  # the reader gets a core of its own
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsire-read-ahead") as pool:
                 pending = pool.submit(next, batches, done)
@@ -87,8 +87,7 @@ def zoo_batches(
     """Batches of zoo items (see `ZooDataset`), each rank reading its own share under DDP.
 
     `read_ahead` for passes that read weights; passes over cached spectra are faster without it
-    (1,000 cached SD 1.5 LoRAs: 12.6 s with it, 10.2 s without; probably the many small tensors
-    allocated in one thread and freed in another).
+    (probably the many small tensors allocated in one thread and freed in another).
     """
     loader = DataLoader(
         ZooDataset(entries, cache, allow_torch_load),

@@ -20,8 +20,6 @@ from dsire.lora.model import LoRAError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-INT_DTYPES = {"I8", "I16", "I32", "I64", "U8"}  # accepted only for scalar alphas
 
 DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8}
 

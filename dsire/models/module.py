@@ -130,10 +130,10 @@ class DSiReModule(pl.LightningModule):
 
     # --- featurisation -------------------------------------------------------------------------
     def transfer_batch_to_device(self, batch: list[dict], device: torch.device, dataloader_idx: int) -> list[dict]:
-        """Items stay on the CPU as they are; `featurize` moves stacked factors to the device."""
+        """Items stay on the CPU as they are; `featurise` moves stacked factors to the device."""
         return batch
 
-    def featurize(self, batch: list[dict]) -> Features:
+    def featurise(self, batch: list[dict]) -> Features:
         errors = {item["key"]: item["error"] for item in batch if "error" in item}
         good = [item for item in batch if "error" not in item]
         todo = [item for item in good if "spectra" not in item]
@@ -167,7 +167,7 @@ class DSiReModule(pl.LightningModule):
         )
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> Features:
-        return self.featurize(batch)
+        return self.featurise(batch)
 
     # --- fitting and prediction ---------------------------------------------------------------
     def _new_knn(self) -> KNNVote:
@@ -227,7 +227,7 @@ class DSiReModule(pl.LightningModule):
         self._test = []
 
     def test_step(self, batch: list[dict], batch_idx: int) -> None:
-        self._test.append(self.featurize(batch))
+        self._test.append(self.featurise(batch))
 
     def on_test_epoch_end(self) -> None:
         """Predict the whole held-out set at once, after gathering it from every rank."""

@@ -3,11 +3,10 @@
 The classifier can only answer sizes present in its zoo. A user asks "about how many images?", so
 `SizeRegressor` fits log N as a linear function of the log spectra of every voter (the spectra shrink
 roughly as a power of N, which is linear in log-log), with the ridge penalty chosen by scikit-learn's
-efficient leave-one-out. Chosen by measurement (`python -m benchmarks.size_regression`): fit on the
-bundled zoo's N ∈ {1,3,5} and tested on {2,4,6} of held-out concepts, its MAE was 0.53 images, against
-0.93 for k-NN regression in log N and 0.93 for an isotonic fit on log ‖ΔW‖ (both can only answer
-values inside the range of the sizes they have seen) and 1.04 for the classifier; on all sizes, 0.42
-against 0.68 for the classifier.
+efficient leave-one-out. Chosen by measurement against k-NN regression in log N, an isotonic fit on
+log ‖ΔW‖ (both can only answer values inside the range of the sizes they have seen) and the
+classifier, on sizes the fit has and has not seen: `python -m benchmarks.size_regression`, table in
+benchmarks/README.md.
 """
 
 from __future__ import annotations
