@@ -12,6 +12,7 @@ weights are streamed in batches and never all held. Figures go to benchmarks/REA
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import platform
 import re
@@ -24,6 +25,7 @@ from pathlib import Path
 from benchmarks.featurise import evict
 from benchmarks.report import command_line, write_section
 from benchmarks.synthetic import write_zoo
+from dsire.csvfile import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,12 +54,10 @@ def main() -> None:
     work = args.dir.parent / "e2e"
     shutil.rmtree(work, ignore_errors=True)
     quarter = work / "quarter.csv"
-    lines = (args.dir / "manifest.csv").read_text().splitlines()
-    quarter.parent.mkdir(parents=True)
-    quarter.write_text(
-        "\n".join(f"{args.dir.resolve()}/{line}" if i else line for i, line in enumerate(lines[: len(lines) // 4 + 1]))
-        + "\n"
-    )
+    with (args.dir / "manifest.csv").open(newline="") as f:
+        entries = list(csv.DictReader(f))
+    quarter_rows = [row | {"path": str(args.dir.resolve() / row["path"])} for row in entries[: len(entries) // 4]]
+    write_csv(quarter, ("path", "n", "concept"), quarter_rows)
     rows = []
     for name, manifest, cache, overrides, cold in [
         (f"cold, {args.loras // 4} LoRAs", quarter, work / "cache_quarter", (), True),

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dsire.errors import EXIT_CODE, ConfigError, require_device
-from dsire.harvest import CONCEPT_SOURCES, harvest, write_manifest
+from dsire.harvest import CONCEPT_SOURCES, harvest, write_labels
 from dsire.lora import FORMATS, LoRA, LoRAError, load_lora
 from dsire.lora.family import guess_base_model
 from dsire.spectra import Spectra, lora_spectra
@@ -107,7 +107,7 @@ def _harvest(args: argparse.Namespace) -> int:
         print(f"  n={n}: {count}")
     out = Path(args.out) if args.out else root / "harvest.csv"
     try:
-        write_manifest(result.rows, out)
+        write_labels(result.rows, out)
     except OSError as exc:
         print(f"error: {out}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -20,15 +20,13 @@ file skipped with a reason, never a crash. Only the header is read, never the te
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsire.atomic import atomic_write_text
+from dsire.csvfile import write_csv
 from dsire.lora.files import SAFETENSORS_SUFFIXES, read_safetensors_metadata
 from dsire.lora.load import resolve_weights_file
 from dsire.lora.model import LoRAError
@@ -50,7 +48,7 @@ RECIPE_KEYS = {
     "output_name": "ss_output_name",
 }
 # file, n, concept: what `data=labels_dir` reads; the rest is for people and for grouping
-MANIFEST_COLUMNS = ("file", "n", "concept", "repeats", "images_with_repeats", *RECIPE_KEYS)
+LABEL_COLUMNS = ("file", "n", "concept", "repeats", "images_with_repeats", *RECIPE_KEYS)
 
 
 class LabelError(ValueError):
@@ -163,7 +161,7 @@ def lora_files(root: Path, recursive: bool = False) -> list[Path]:
 
 @dataclass
 class Harvest:
-    rows: list[dict[str, str | int]]  # one per labelled file, keys MANIFEST_COLUMNS
+    rows: list[dict[str, str | int]]  # one per labelled file, keys LABEL_COLUMNS
     skipped: dict[str, str]  # file: why it has no usable label
 
 
@@ -202,10 +200,6 @@ def harvest(root: str | Path, recursive: bool = False, concept_from: str = "outp
     return result
 
 
-def write_manifest(rows: list[dict[str, str | int]], path: str | Path) -> None:
-    """The rows as CSV (MANIFEST_COLUMNS), written atomically: a labels file `data=labels_dir` reads."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+def write_labels(rows: list[dict[str, str | int]], path: str | Path) -> None:
+    """The rows as CSV (LABEL_COLUMNS), written atomically: a labels file `data=labels_dir` reads."""
+    write_csv(path, LABEL_COLUMNS, rows)

@@ -6,8 +6,6 @@ never the user's home, so runs are self-contained and work on machines without n
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import netrc
 import os
@@ -21,6 +19,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from dsire.atomic import atomic_write_text
+from dsire.csvfile import csv_text
 
 
 class WandbLogger(loggers.WandbLogger):
@@ -107,16 +106,13 @@ def log_table(trainer: pl.Trainer, key: str, columns: list[str], rows: list[list
     """Write the table as CSV in the output dir; W&B also gets it as a table."""
     path = Path(output_dir) / "tables" / f"{key.replace('/', '_')}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")  # quotes a field holding a comma or a quote
-    writer.writerow(columns)
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+    text = csv_text(columns, [dict(zip(columns, row, strict=True)) for row in rows])
+    atomic_write_text(path, text)
     for logger in trainer.loggers:
         if isinstance(logger, loggers.WandbLogger):
             logger.log_table(key, columns=columns, data=rows)
         elif isinstance(logger, CSVLogger):
-            atomic_write_text(Path(logger.log_dir) / path.name, buffer.getvalue())
+            atomic_write_text(Path(logger.log_dir) / path.name, text)
     return path
 
 

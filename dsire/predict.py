@@ -8,8 +8,6 @@ reported and skipped; the exit code is then non-zero.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import sys
 from collections import Counter
@@ -24,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dsire.atomic import atomic_write_text
+from dsire.csvfile import csv_text
 from dsire.data.datamodule import zoo_batches
 from dsire.data.sources import ZooEntry, scan_directory
 from dsire.errors import ConfigError, require_device
@@ -134,11 +133,7 @@ def render(rows: list[dict], errors: dict[str, str], output: str) -> str | None:
     if output == "json":
         return json.dumps({"predictions": rows, "errors": errors}, indent=1)
     if output == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return buffer.getvalue()
+        return csv_text(COLUMNS, rows)
     print_table(rows)
     return None
 

@@ -13,7 +13,7 @@ from conftest import FineTune, make_finetune, run_dsire, run_script, tiny_unet
 from peft import LoraConfig
 
 from dsire.data.sources import ZooEntry, from_labels_dir
-from dsire.harvest import MANIFEST_COLUMNS, claimed_columns, harvest, write_manifest
+from dsire.harvest import LABEL_COLUMNS, claimed_columns, harvest, write_labels
 from dsire.lora.save import save_lora
 from dsire.predict import render
 
@@ -115,10 +115,10 @@ def test_harvest_labels_and_recipe(unet_finetune: FineTune, tmp_path):
         ("sub/deep.safetensors", 2, "sub"),
     ]
 
-    write_manifest(deep.rows, zoo / "harvest.csv")
+    write_labels(deep.rows, zoo / "harvest.csv")
     with (zoo / "harvest.csv").open(newline="") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames or ()) == MANIFEST_COLUMNS
+        assert tuple(reader.fieldnames or ()) == LABEL_COLUMNS
         assert next(reader) == {k: str(v) for k, v in deep.rows[0].items()}
     assert from_labels_dir(zoo, "harvest.csv")[-1] == ZooEntry(str(zoo / "sub" / "deep.safetensors"), 2, "sub")
 
@@ -257,7 +257,7 @@ def test_render_shows_claimed_next_to_predicted(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     assert render(ROWS, {}, "table") is None
     table = capsys.readouterr().out
-    assert "claimed N (×repeats)" in table
+    assert "claimed N " in table and "(×repeats)" in table  # a two-line header
     a_line = next(line for line in table.splitlines() if "a.safetensors" in line)
     b_line = next(line for line in table.splitlines() if "b.safetensors" in line)
     assert [cell.strip() for cell in a_line.split("│")[1:9]] == [
@@ -270,7 +270,9 @@ def test_render_shows_claimed_next_to_predicted(capsys, monkeypatch):
         "0.5",
         "0",
     ]
-    assert [cell.strip() for cell in b_line.split("│")[4:6]] == ["3.2 [1.5, ?] (beyond zoo)", "0.010 (!)"]
+    assert [cell.strip() for cell in b_line.split("│")[4:6]] == ["3.2 [1.5, ?]", "0.010 (!)"]
+    below_b = table.splitlines()[table.splitlines().index(b_line) + 1]
+    assert below_b.split("│")[4].strip() == "(beyond zoo)"  # on the estimate's second line
 
 
 def test_harvest_cli(unet_finetune: FineTune, tmp_path):

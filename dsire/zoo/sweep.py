@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import ctypes
-import io
 import logging
 import os
 import signal
@@ -28,7 +27,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from dsire.atomic import atomic_write_text
+from dsire.csvfile import write_csv
 from dsire.lora.save import save_lora
 from dsire.zoo.finetune import finetune, lora_config
 from dsire.zoo.pretrain import config_hash
@@ -99,11 +98,8 @@ def read_manifest(out_dir: Path) -> list[dict[str, str]]:
 
 
 def write_manifest(out_dir: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda r: (r["concept"], int(r["n"]), int(r["replicate"]), int(r["step"]))))
-    atomic_write_text(out_dir / MANIFEST, buffer.getvalue())
+    order = sorted(rows, key=lambda r: (r["concept"], int(r["n"]), int(r["replicate"]), int(r["step"])))
+    write_csv(out_dir / MANIFEST, COLUMNS, order)
 
 
 def finished(job: Job, rows: list[dict[str, str]], cfg: DictConfig, out_dir: Path) -> bool:
