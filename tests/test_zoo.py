@@ -86,8 +86,14 @@ def test_a_zoo_directory_holds_one_recipe(tmp_path):
     """Resuming into a zoo made with another recipe is refused, not silently mixed."""
     write_manifest(tmp_path, [dict.fromkeys(COLUMNS, "0") | {"path": "x", "recipe_hash": "another"}])
     cfg = zoo_config(f"zoo.out_dir={tmp_path}", "zoo.data.concepts=[m0]", "zoo.sizes=[1]")
-    with pytest.raises(ValueError, match="another"):
-        run_sweep(cfg.zoo, workers=1, console=Console(quiet=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with pytest.raises(ValueError, match="another"):
+            run_sweep(cfg.zoo, workers=1, console=Console(quiet=True))
+        assert torch.get_num_threads() == 3  # the sweep's one thread is its own, not its caller's
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_sd15_ranges_are_lorawise_ranges():

@@ -16,7 +16,9 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -166,6 +168,24 @@ def run_sweep(cfg: DictConfig, workers: int, console: Console | None = None) -> 
     console = console or Console()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _caller_settings_restored():
+        return _run_sweep(cfg, workers, console, out_dir)
+
+
+@contextmanager
+def _caller_settings_restored() -> Iterator[None]:
+    """The sweep runs its in-process jobs with one torch thread and quiet Lightning; the caller (a test,
+    a notebook, a benchmark) gets its own thread count and log level back afterwards."""
+    threads, lightning_log = torch.get_num_threads(), logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        lightning_log.setLevel(level)
+
+
+def _run_sweep(cfg: DictConfig, workers: int, console: Console, out_dir: Path) -> list[dict[str, str]]:
     container = OmegaConf.to_container(cfg, resolve=True)
     # One thread everywhere (also for in-process jobs and the base's pretraining): a checkpoint is then
     # bitwise the same whatever the worker count, and workers do not oversubscribe the cores.
