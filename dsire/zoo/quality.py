@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
+from dsire.data.splits import kfold
 from dsire.lora import load_lora
 from dsire.models.knn import KNNVote
 from dsire.spectra import batch_spectra
@@ -74,11 +75,10 @@ def leave_concepts_out(
     """Mean accuracy and MAE over `folds` groups of held-out concepts, for `repeats` shuffles."""
     keep = np.isin(features.n, sizes) if sizes else np.ones(len(features.n), bool)
     accuracies, errors = [], []
+    concepts = sorted(set(features.concepts[keep].tolist()))
     for seed in range(repeats):
-        concepts = np.unique(features.concepts[keep])
-        np.random.default_rng(seed).shuffle(concepts)
-        for held_out in np.array_split(concepts, folds):
-            test = keep & np.isin(features.concepts, held_out)
+        for split in kfold(concepts, folds, seed):  # the folds train.py uses (seed 0 there)
+            test = keep & np.isin(features.concepts, split.test)
             train = keep & ~test
             predicted = vote(
                 {k: v[train] for k, v in features.voters.items()},
