@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import numpy as np
 from sklearn.isotonic import IsotonicRegression
 
-from benchmarks.report import write_section
+from benchmarks.report import command_line, write_section
 from dsire.data.datamodule import LoRAZooDataModule
 from dsire.data.splits import kfold
 from dsire.models.knn import KNNVote
@@ -83,7 +83,7 @@ def main() -> None:
     features = zoo_features(args.zoo, args.cache)
     lines = [
         f"Held-out-concept MAE (images) on `{args.zoo}`, 5 folds × {args.shuffles} shuffles. "
-        f"Command: `python -m benchmarks.size_regression --shuffles {args.shuffles}`.",
+        f"Command: `{command_line()}`.",
         "",
         "| fit on N | tested on N | " + " | ".join(CANDIDATES) + " |",
         "| --- | --- | " + " | ".join("---:" for _ in CANDIDATES) + " |",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.spectra import batched_exact
 from dsire.lora import load_lora
 from dsire.lora.save import save_lora
 from dsire.spectra import lora_spectra, lowrank_spectra
@@ -85,6 +86,18 @@ def test_lora_spectra_per_layer(unet_finetune, tmp_path):
         expected = dense_reference(layer.up, layer.down, layer.scale)
         torch.testing.assert_close(spectra[name].delta, expected, rtol=1e-9, atol=1e-12)
         assert spectra[name].delta.shape == (layer.rank,)
+
+
+def test_benchmark_exact_baseline_is_exact(unet_finetune, tmp_path):
+    """The benchmark's batched QR baseline computes the same spectra (float32 rounding aside)."""
+    path = save_lora(unet_finetune.state, tmp_path / "l.safetensors", "kohya", unet_finetune.config.to_dict())
+    lora = load_lora(path)
+    baseline, ours = batched_exact(lora), lora_spectra(lora, dtype=torch.float64)
+    for name in lora.layers:
+        for part in ("delta", "down", "up"):
+            expected = getattr(ours[name], part)
+            got = baseline[f"{name}/{part}"].double()
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected[0]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
