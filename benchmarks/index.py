@@ -23,7 +23,8 @@ import faiss
 import numpy as np
 
 from benchmarks.report import command_line, write_section
-from dsire.models.module import DSiReModule, Features
+from dsire.models.features import Features
+from dsire.models.module import DSiReModule
 
 
 def zoo(size: int, voters: int, seed: int) -> Features:

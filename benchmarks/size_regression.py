@@ -21,8 +21,9 @@ from sklearn.isotonic import IsotonicRegression
 from benchmarks.report import command_line, write_section
 from dsire.data.datamodule import LoRAZooDataModule
 from dsire.data.splits import kfold
+from dsire.models.features import Features, gather_features
 from dsire.models.knn import KNNVote
-from dsire.models.module import DSiReModule, Features, gather_features
+from dsire.models.module import DSiReModule
 from dsire.models.regression import SizeRegressor
 
 SETTINGS = (((1, 3, 5), (2, 4, 6)), ((2, 4, 6), (1, 3, 5)), ((1, 2, 3, 4, 5, 6), (1, 2, 3, 4, 5, 6)))

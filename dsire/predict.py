@@ -30,7 +30,7 @@ from dsire.harvest import claimed_columns
 from dsire.loggers import quiet_library_noise
 from dsire.lora.load import PEFT_CONFIG, WEIGHT_SUFFIXES
 from dsire.models.checkpoint import load_checkpoint
-from dsire.models.module import Features
+from dsire.models.features import Features
 
 OUTPUTS = ("table", "json", "csv")
 FILE_MIN_WIDTH = 12

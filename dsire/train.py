@@ -29,7 +29,8 @@ from dsire.distributed import gather, one_rank_at_a_time
 from dsire.errors import require_device
 from dsire.loggers import finish_loggers, log_metrics, log_run_settings, prepare_wandb, quiet_library_noise
 from dsire.models.checkpoint import save_checkpoint
-from dsire.models.module import DSiReModule, Features, gather_features
+from dsire.models.features import Features, gather_features
+from dsire.models.module import DSiReModule
 
 log = logging.getLogger(__name__)
 SCALARS = ("accuracy", "mae", "mape", "regression_mae", "coverage", "interval_width", "mismatch_rate")

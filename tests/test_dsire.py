@@ -13,8 +13,8 @@ import torch
 
 from dsire.models import knn as knn_module
 from dsire.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dsire.models.features import FeatureSpec
-from dsire.models.module import DSiReModule, Features
+from dsire.models.features import Features, FeatureSpec
+from dsire.models.module import DSiReModule
 from dsire.spectra import Spectra
 
 

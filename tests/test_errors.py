@@ -21,7 +21,8 @@ from dsire.data.sources import from_labels_dir, from_manifest
 from dsire.errors import ConfigError
 from dsire.lora import LoRAError
 from dsire.models.checkpoint import save_checkpoint
-from dsire.models.module import DSiReModule, Features, gather_features
+from dsire.models.features import Features, gather_features
+from dsire.models.module import DSiReModule
 
 ZOO = ROOT / "data" / "zoo"
 KFOLD = {"protocol": "kfold", "folds": 2, "n_train": 1, "repeats": 1, "seed": 0}

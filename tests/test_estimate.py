@@ -9,7 +9,8 @@ import pytest
 
 from dsire.models.calibration import Calibration, calibrate
 from dsire.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dsire.models.module import DSiReModule, Features
+from dsire.models.features import Features
+from dsire.models.module import DSiReModule
 from dsire.models.regression import SizeRegressor
 
 

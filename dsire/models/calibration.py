@@ -33,6 +33,17 @@ FitPredict = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
+class Estimate:
+    """Per LoRA: N as a number, its prediction interval, and whether it looks like another recipe."""
+
+    n: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    mismatch_p: np.ndarray  # conformal p-value of the nearest distance against held-out zoo LoRAs
+    mismatch: np.ndarray  # p < false_alarm: farther from the zoo than its own unseen concepts
+
+
+@dataclass
 class Calibration:
     errors: np.ndarray  # held-out |log N − log N̂| of the zoo's LoRAs, sorted
     distances: np.ndarray  # held-out nearest-neighbour distances of the zoo's LoRAs, sorted

@@ -1,12 +1,13 @@
-"""Feature sets: which spectra become voters, and how many singular values each keeps."""
+"""Feature sets: which spectra become voters (`FeatureSpec`), and the vectors of a set of LoRAs (`Features`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from dsire.distributed import gather
 from dsire.spectra import Spectra
 
 PARTS = ("delta", "down", "up", "norms")
@@ -40,3 +41,75 @@ class FeatureSpec:
 def stack(rows: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
     """Feature dicts of several LoRAs (same voters) -> {voter: [LoRAs, d]} arrays."""
     return {voter: torch.stack([row[voter] for row in rows]).numpy() for voter in rows[0]}
+
+
+@dataclass
+class Features:
+    """Feature vectors of a set of LoRAs, with their labels and the items that failed."""
+
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    n: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    keys: list[str] = field(default_factory=list)
+    concepts: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def select(self, keep: np.ndarray) -> Features:
+        """The LoRAs picked by `keep` (a boolean mask or indices, in that order); errors are not kept."""
+        rows = np.arange(len(self.keys))[keep]
+        return Features(
+            vectors={v: x[rows] for v, x in self.vectors.items()},
+            n=self.n[rows],
+            keys=[self.keys[i] for i in rows],
+            concepts=[self.concepts[i] for i in rows],
+        )
+
+    def copies(self) -> dict[str, str]:
+        """{key: the first key with exactly the same feature vectors} for every later copy.
+
+        The same LoRA under two names (a copy, a re-upload, another format) is one data point; twice
+        in a zoo, it can sit on both sides of a split and inflate the test scores.
+        """
+        if not self.keys:
+            return {}
+        rows = np.concatenate([self.vectors[v] for v in sorted(self.vectors)], axis=1)
+        _, first, group = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+        group = group.ravel()
+        return {key: self.keys[first[group[i]]] for i, key in enumerate(self.keys) if first[group[i]] != i}
+
+    @classmethod
+    def concat(cls, parts: list[Features]) -> Features:
+        errors = {k: v for p in parts for k, v in p.errors.items()}
+        parts = [p for p in parts if p.keys]
+        if not parts:
+            return cls(errors=errors)
+        return cls(
+            vectors={v: np.concatenate([p.vectors[v] for p in parts]) for v in parts[0].vectors},
+            n=np.concatenate([p.n for p in parts]),
+            keys=[k for p in parts for k in p.keys],
+            concepts=[c for p in parts for c in p.concepts],
+            errors=errors,
+        )
+
+
+def gather_features(features: Features) -> Features:
+    """Every rank's features (under DDP; else just these), ordered by key so sharding cannot change results."""
+    merged = Features.concat(gather(features))
+    ordered = merged.select(np.argsort(np.array(merged.keys, dtype=str), kind="stable"))
+    ordered.errors = merged.errors
+    return ordered
+
+
+def voter_mismatch(got: dict[str, int], expected: dict[str, int]) -> str | None:
+    """Why a LoRA's voters (names and feature sizes) differ from the expected ones, or None."""
+
+    def show(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "") if names else "none"
+
+    missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    if missing or extra:
+        return f"layers do not match the model: missing {show(missing)}; extra {show(extra)}"
+    resized = sorted(v for v in got if got[v] != expected[v])
+    if resized:
+        v = resized[0]
+        return f"feature sizes do not match the model (another rank?): {v} has {got[v]}, expected {expected[v]}"
+    return None

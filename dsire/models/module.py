@@ -4,95 +4,25 @@ Lightning runs the featurisation: `predict_step` turns a batch of zoo items into
 feature vectors, computing spectra on the module's device (GPU when present) for items the
 cache did not have. Fitting is `fit(features)`: normalisation + one FAISS index per voter.
 `test_step` featurises; at the end of a test run the held-out set (gathered from every rank under
-DDP) is predicted at once, and `test_features` and `test_results` (metrics via torchmetrics) hold
-what callbacks and the runner report, computed once.
+DDP) is predicted at once, and `test_features` and `test_results` (`dsire.models.metrics`) hold
+what callbacks and the runner report, computed once. The feature container is
+`dsire.models.features.Features`; this module is the Lightning glue around it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torchmetrics import MeanAbsoluteError, MeanAbsolutePercentageError
-from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from dsire.data.cache import SpectraCache
-from dsire.distributed import gather
-from dsire.models.calibration import Calibration, FitPredict, calibrate
+from dsire.models.calibration import Calibration, Estimate, FitPredict, calibrate
 from dsire.models.config import ModelConfig
-from dsire.models.features import FeatureSpec, stack
+from dsire.models.features import Features, FeatureSpec, gather_features, stack, voter_mismatch
 from dsire.models.knn import KNNVote, Prediction
+from dsire.models.metrics import split_metrics
 from dsire.models.regression import SizeRegressor
 from dsire.spectra import batch_spectra
-
-
-@dataclass
-class Features:
-    """Feature vectors of a set of LoRAs, with their labels and the items that failed."""
-
-    vectors: dict[str, np.ndarray] = field(default_factory=dict)
-    n: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    keys: list[str] = field(default_factory=list)
-    concepts: list[str] = field(default_factory=list)
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def select(self, keep: np.ndarray) -> Features:
-        """The LoRAs picked by `keep` (a boolean mask or indices, in that order); errors are not kept."""
-        rows = np.arange(len(self.keys))[keep]
-        return Features(
-            vectors={v: x[rows] for v, x in self.vectors.items()},
-            n=self.n[rows],
-            keys=[self.keys[i] for i in rows],
-            concepts=[self.concepts[i] for i in rows],
-        )
-
-    def copies(self) -> dict[str, str]:
-        """{key: the first key with exactly the same feature vectors} for every later copy.
-
-        The same LoRA under two names (a copy, a re-upload, another format) is one data point; twice
-        in a zoo, it can sit on both sides of a split and inflate the test scores.
-        """
-        if not self.keys:
-            return {}
-        rows = np.concatenate([self.vectors[v] for v in sorted(self.vectors)], axis=1)
-        _, first, group = np.unique(rows, axis=0, return_index=True, return_inverse=True)
-        group = group.ravel()
-        return {key: self.keys[first[group[i]]] for i, key in enumerate(self.keys) if first[group[i]] != i}
-
-    @classmethod
-    def concat(cls, parts: list[Features]) -> Features:
-        errors = {k: v for p in parts for k, v in p.errors.items()}
-        parts = [p for p in parts if p.keys]
-        if not parts:
-            return cls(errors=errors)
-        return cls(
-            vectors={v: np.concatenate([p.vectors[v] for p in parts]) for v in parts[0].vectors},
-            n=np.concatenate([p.n for p in parts]),
-            keys=[k for p in parts for k in p.keys],
-            concepts=[c for p in parts for c in p.concepts],
-            errors=errors,
-        )
-
-
-def gather_features(features: Features) -> Features:
-    """Every rank's features (under DDP; else just these), ordered by key so sharding cannot change results."""
-    merged = Features.concat(gather(features))
-    ordered = merged.select(np.argsort(np.array(merged.keys, dtype=str), kind="stable"))
-    ordered.errors = merged.errors
-    return ordered
-
-
-@dataclass
-class Estimate:
-    """Per LoRA: N as a number, its prediction interval, and whether it looks like another recipe."""
-
-    n: np.ndarray
-    low: np.ndarray
-    high: np.ndarray
-    mismatch_p: np.ndarray  # conformal p-value of the nearest distance against held-out zoo LoRAs
-    mismatch: np.ndarray  # p < false_alarm: farther from the zoo than its own unseen concepts
 
 
 class DSiReModule(pl.LightningModule):
@@ -150,7 +80,7 @@ class DSiReModule(pl.LightningModule):
         expected = self.knn.dims() or ({v: len(x) for v, x in rows[0].items()} if rows else {})
         matching = []
         for item, row in zip(good, rows, strict=True):
-            problem = _mismatch({v: len(x) for v, x in row.items()}, expected)
+            problem = voter_mismatch({v: len(x) for v, x in row.items()}, expected)
             if problem:
                 errors[item["key"]] = problem
             else:
@@ -204,7 +134,7 @@ class DSiReModule(pl.LightningModule):
 
     def check_voters(self, features: Features) -> None:
         """A clear error when the LoRAs' layers are not the ones the model was fitted on."""
-        problem = _mismatch({v: x.shape[1] for v, x in features.vectors.items()}, self.knn.dims())
+        problem = voter_mismatch({v: x.shape[1] for v, x in features.vectors.items()}, self.knn.dims())
         if features.keys and problem:
             raise ValueError(problem)
 
@@ -235,86 +165,9 @@ class DSiReModule(pl.LightningModule):
         self.test_results = self._results(self.test_features)
 
     def _results(self, features: Features) -> dict:
-        """Metrics over a test set: accuracy, MAE, MAPE, per-size accuracy, confusion, per-voter; regression."""
+        """Metrics over a test set (see `dsire.models.metrics`)."""
         if not features.keys:
             return {"errors": features.errors}
         prediction = self.predict_features(features)
-        predicted, truth = prediction.n, features.n
-        y, yhat = torch.from_numpy(truth).double(), torch.from_numpy(predicted).double()
-        sizes = sorted(set(self.knn.sizes.tolist()) | set(truth.tolist()))
-        confusion = multiclass_confusion_matrix(
-            torch.from_numpy(np.searchsorted(sizes, predicted)),
-            torch.from_numpy(np.searchsorted(sizes, truth)),
-            num_classes=len(sizes),
-        )  # rows: true N, columns: predicted N
-        per_size = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
-        return {
-            "accuracy": float(confusion.diag().sum() / confusion.sum()),
-            "mae": float(MeanAbsoluteError()(yhat, y)),
-            "mape": float(MeanAbsolutePercentageError()(yhat, y)),
-            "per_size_accuracy": {int(s): float(per_size[sizes.index(s)]) for s in np.unique(truth)},
-            "confusion": {"sizes": sizes, "counts": confusion.tolist()},
-            "per_voter_accuracy": dict(
-                zip(self.knn.voters, np.mean(prediction.voter_labels == truth[:, None], axis=0).tolist(), strict=True)
-            ),
-            "predictions": list(zip(features.keys, truth.tolist(), predicted.tolist(), strict=True)),
-            "errors": features.errors,
-        } | _estimate_metrics(features, predicted, self.estimate(features, prediction), self.knn.sizes)
-
-
-INTERVAL_UNDEFINED = (
-    "no interval: the calibration has too few held-out LoRAs (or concepts) for model.coverage, so its bounds "
-    "are infinite and coverage and width are not reported"
-)
-
-
-def _estimate_metrics(features: Features, predicted: np.ndarray, estimate: Estimate, sizes: np.ndarray) -> dict:
-    """Regression error, interval coverage and width, mismatch (false-alarm) rate; seen vs unseen sizes."""
-    truth = features.n
-    error = np.abs(estimate.n - truth)
-    inside = (estimate.low <= truth) & (truth <= estimate.high)
-    out = {
-        "regression_mae": float(error.mean()),
-        "estimates": [
-            [key, int(t), *(round(float(x), 4) for x in row)]
-            for key, t, *row in zip(
-                features.keys, truth, estimate.n, estimate.low, estimate.high, estimate.mismatch_p, strict=True
-            )
-        ],  # key, N, estimate, low, high, mismatch p
-    }
-    if np.isfinite(estimate.mismatch_p).all():
-        out["mismatch_rate"] = float(estimate.mismatch.mean())
-    intervals = bool(np.isfinite(estimate.high).all())
-    if intervals:
-        out |= {"coverage": float(inside.mean()), "interval_width": float((estimate.high - estimate.low).mean())}
-    else:  # an infinite interval covers everything: a coverage of 1 would say nothing
-        out["interval_undefined"] = INTERVAL_UNDEFINED
-    seen = np.isin(truth, sizes)
-    if seen.any() and not seen.all():  # sizes absent from training: how well does the estimate interpolate?
-        out |= {
-            "mae_seen": float(np.abs(predicted - truth)[seen].mean()),
-            "regression_mae_unseen": float(error[~seen].mean()),
-        }
-        if intervals:
-            out["coverage_unseen"] = float(inside[~seen].mean())
-        between = ~seen & (truth > sizes.min()) & (truth < sizes.max())  # between trained sizes, vs beyond them
-        for name, part in (("between", between), ("beyond", ~seen & ~between)):
-            if part.any():
-                out[f"regression_mae_{name}"] = float(error[part].mean())
-    return out
-
-
-def _mismatch(got: dict[str, int], expected: dict[str, int]) -> str | None:
-    """Why a LoRA's voters (names and feature sizes) differ from the expected ones, or None."""
-
-    def show(names: list[str]) -> str:
-        return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "") if names else "none"
-
-    missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
-    if missing or extra:
-        return f"layers do not match the model: missing {show(missing)}; extra {show(extra)}"
-    resized = sorted(v for v in got if got[v] != expected[v])
-    if resized:
-        v = resized[0]
-        return f"feature sizes do not match the model (another rank?): {v} has {got[v]}, expected {expected[v]}"
-    return None
+        estimate = self.estimate(features, prediction)
+        return split_metrics(features, prediction, estimate, self.knn.voters, self.knn.sizes)
