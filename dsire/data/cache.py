@@ -9,7 +9,6 @@ Entries are written atomically; a torn or foreign entry is treated as a miss and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from dsire.atomic import atomic_path, atomic_write_text
 from dsire.data.sources import ZooEntry
+from dsire.hashing import file_sha256, json_sha256
 from dsire.lora.load import resolve_weights_file
 from dsire.spectra import Spectra
 
@@ -28,20 +28,11 @@ FLUSH_SECONDS = 60.0  # rewriting content_hashes.json costs one JSON dump of eve
 _PARTS = ("delta", "down", "up")
 
 
-def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class SpectraCache:
     """get/put the per-layer spectra of zoo entries under `root/<settings>/<hash>.safetensors`."""
 
     def __init__(self, root: str | Path, settings: dict):
-        key = json.dumps({"version": CACHE_VERSION, **settings}, sort_keys=True)
-        self.dir = Path(root) / hashlib.sha256(key.encode()).hexdigest()[:12]
+        self.dir = Path(root) / json_sha256({"version": CACHE_VERSION, **settings})[:12]
         self.dir.mkdir(parents=True, exist_ok=True)
         self._hashes_file = Path(root) / "content_hashes.json"
         self._hashes: dict[str, str] = self._read_hashes()
@@ -60,7 +51,7 @@ class SpectraCache:
         stat = path.stat()
         stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         if stamp not in self._hashes:
-            self._hashes[stamp] = file_hash(path)
+            self._hashes[stamp] = file_sha256(path)
         # a parquet row's flat columns are reshaped with the entry's rank: another rank, other spectra
         return self._hashes[stamp] + (f"-row{entry.row}-rank{entry.rank}" if entry.row is not None else "")
 

@@ -11,15 +11,14 @@ refused too. It is a checksum, not a signature: whoever can rewrite the file can
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import save_file
 
 from dsire.atomic import atomic_path
+from dsire.hashing import tensors_sha256
 from dsire.lora.files import read_safetensors
 from dsire.lora.model import LoRAError
 from dsire.models.calibration import Calibration
@@ -33,16 +32,6 @@ HEADER_KEY = "dsire_checkpoint"
 
 class CheckpointError(LoRAError):
     """A DSiRe checkpoint that cannot be trusted or read; names the file and the problem."""
-
-
-def content_hash(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
 
 
 def save_checkpoint(module: DSiReModule, path: str | Path) -> Path:
@@ -60,7 +49,7 @@ def save_checkpoint(module: DSiReModule, path: str | Path) -> Path:
     if module.calibration is not None:
         calibration_tensors, header["calibration"] = module.calibration.state()
         tensors |= calibration_tensors
-    header["sha256"] = content_hash(tensors)
+    header["sha256"] = tensors_sha256(tensors)
     with atomic_path(path) as tmp:
         save_file(
             {k: v.contiguous() for k, v in tensors.items()},
@@ -80,7 +69,7 @@ def load_checkpoint(path: str | Path, use_faiss_gpu: bool = True) -> DSiReModule
         header = json.loads(file_metadata[HEADER_KEY])
         if header["format"] != FORMAT:
             raise ValueError(f"format {header['format']!r}, expected {FORMAT}")
-        if header["sha256"] != content_hash(tensors):
+        if header["sha256"] != tensors_sha256(tensors):
             raise ValueError("the tensors' content hash differs from the one saved with them (a damaged file)")
         voters = header["knn"]["voters"]
         n_train = tensors["labels"].shape[0]

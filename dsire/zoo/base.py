@@ -7,7 +7,6 @@ is downloaded. `sd15`: a local Stable Diffusion 1.5 directory (diffusers layout)
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dsire.atomic import atomic_path
+from dsire.hashing import tensors_sha256
 
 BOS, EOS = 0, 1  # token ids of the tiny text encoder; a concept's prompt is [BOS, identifier, class, EOS]
 
@@ -43,12 +43,7 @@ def tiny_modules(cfg: DictConfig) -> tuple[UNet2DConditionModel, CLIPTextModel]:
 
 def fingerprint(state: dict[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes: identifies base weights independently of the file."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()[:16]
+    return tensors_sha256(state)[:16]
 
 
 def save_tiny(unet: UNet2DConditionModel, text: CLIPTextModel, path: Path, recipe_hash: str) -> None:
