@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,3 +38,12 @@ def _umask() -> int:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def atomic_write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Sequence | Mapping]) -> None:
+    """Rows (sequences in `columns` order, or mappings keyed by them) as quoted CSV, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([row[c] for c in columns] if isinstance(row, Mapping) else row for row in rows)
+    atomic_write_text(path, buffer.getvalue())

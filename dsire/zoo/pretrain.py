@@ -6,8 +6,6 @@ signal (the prototype's vote fell to chance). A few thousand steps on the 1,797 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -16,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
+from dsire.hashing import json_hash
 from dsire.zoo.base import BOS, EOS, BaseModel, save_tiny, tiny_modules
 from dsire.zoo.data import digit_images
 from dsire.zoo.harness import NoisePrediction, quiet_trainer
@@ -29,8 +28,7 @@ def prompt(class_id: int, identifier: bool) -> torch.Tensor:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    text = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json_hash(OmegaConf.to_container(cfg, resolve=True))
 
 
 def _cached_hash(path: Path) -> str | None:
