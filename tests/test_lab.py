@@ -13,7 +13,7 @@ from dsire.lab import train as lab_train
 from dsire.lab.backbones import BackboneSettings, build_backbone
 from dsire.lab.data import TaskSettings, load_task, split_examples
 from dsire.lab.ensemble import Ensemble, batch_indices, train
-from dsire.lab.methods import FinetuneSettings, adapt, effective_weights
+from dsire.lab.methods import FinetuneSettings, adapt, effective_weights, lora_inputs, param_groups
 from dsire.lab.records import load_record
 from dsire.lab.subsets import half_masks
 from dsire.lab.train import train_group
@@ -30,8 +30,9 @@ def backbone() -> nn.Module:
 
 def plain_sgd(model: nn.Module, mask: torch.Tensor, seed: int, settings: FinetuneSettings) -> nn.Module:
     """The reference: one ordinary module, torch's SGD, the same batches."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = param_groups(params, lora_inputs({n: p.shape for n, p in model.named_parameters()}), settings)
+    optimiser = torch.optim.SGD(groups, momentum=settings.momentum, weight_decay=settings.weight_decay)
     for idx in batch_indices(mask, seed, settings.steps, settings.batch_size):
         loss = F.cross_entropy(model(TASK.private.take(idx)), TASK.private.labels[idx])
         optimiser.zero_grad()

@@ -90,3 +90,23 @@ def vit_b16(weights: Path, classes: int) -> nn.Module:
     if unexpected or [k for k in missing if not k.startswith("head.")]:
         raise UserError(str(weights), f"not a ViT-B/16 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model
+
+
+def backbone_from_state(state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """The MLP or CNN whose weights `state` holds (architecture read from the tensor shapes)."""
+    convs = sum(1 for k in state if k.startswith("conv") and k.endswith(".weight"))
+    linears = sum(1 for k in state if k.startswith("fc") and k.endswith(".weight"))
+    try:
+        head = state["head.weight"]
+        if convs:
+            last = state[f"conv{convs}.weight"]
+            side = math.isqrt(state["fc1.weight"].shape[1] // last.shape[0])
+            hidden = state["fc1.weight"].shape[0]
+            model: nn.Module = CNN(state["conv1.weight"].shape[1], side, hidden, convs, head.shape[0])
+        else:
+            first = state["fc1.weight"]
+            model = MLP(first.shape[1], first.shape[0], linears, head.shape[0])
+        model.load_state_dict(state)
+    except (KeyError, RuntimeError, IndexError, ZeroDivisionError) as exc:
+        raise UserError(where, f"not the state dict of a dsire MLP or CNN backbone ({str(exc)[:200]})") from None
+    return model

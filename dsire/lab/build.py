@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from dsire.distributed import one_rank_at_a_time
 from dsire.hashing import json_hash
 from dsire.lab.backbones import BackboneSettings
 from dsire.lab.data import Task, TaskSettings, load_task
@@ -27,8 +29,9 @@ class Lab:
     records_dir: Path
 
 
-def build_lab(cfg: DictConfig) -> Lab:
-    """Validate `task.*` and `finetune.*`, load the splits, pretrain (or reuse) the backbone."""
+def build_lab(cfg: DictConfig, device: torch.device | str = "cpu") -> Lab:
+    """Validate `task.*` and `finetune.*`, load the splits, pretrain (or reuse) the backbone on
+    `device`; under DDP rank 0 pretrains first and the others read its cache."""
     task_settings = from_config(TaskSettings, {k: v for k, v in cfg.task.items() if k not in NESTED}, "task")
     backbone = from_config(BackboneSettings, cfg.task.get("backbone"), "task.backbone")
     pretrain = from_config(FinetuneSettings, cfg.task.get("pretrain"), "task.pretrain")
@@ -36,5 +39,6 @@ def build_lab(cfg: DictConfig) -> Lab:
     task = load_task(task_settings)
     recipe = json_hash([task_settings, backbone, pretrain])
     lab_dir = Path(cfg.paths.cache_dir) / "lab"
-    model = pretrained_backbone(task, backbone, pretrain, lab_dir / f"backbone_{recipe}.safetensors")
+    for _ in one_rank_at_a_time():
+        model = pretrained_backbone(task, backbone, pretrain, lab_dir / f"backbone_{recipe}.safetensors", device)
     return Lab(task, model, finetune, recipe, lab_dir / "records")

@@ -79,7 +79,10 @@ class Task:
 
 
 def load_task(settings: TaskSettings) -> Task:
-    examples, classes, shape = _digits() if settings.name == "digits" else _image_folder(settings)
+    if settings.name == "digits":
+        examples, classes, shape = digit_examples()
+    else:
+        examples, classes, shape = image_folder_examples(Path(settings.path or ""), settings.image_size, "task.path")
     public, private, test = split_examples(examples.labels.numpy(), settings)
     return Task(examples.subset(public), examples.subset(private), examples.subset(test), classes, shape)
 
@@ -101,7 +104,7 @@ def split_examples(labels: np.ndarray, settings: TaskSettings) -> tuple[np.ndarr
     return np.sort(public), np.sort(private), np.sort(test)
 
 
-def _digits() -> tuple[Examples, int, tuple[int, ...]]:
+def digit_examples() -> tuple[Examples, int, tuple[int, ...]]:
     """sklearn's 1,797 8×8 digits (shipped offline), pixels scaled to [0, 1]."""
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -110,11 +113,11 @@ def _digits() -> tuple[Examples, int, tuple[int, ...]]:
     return Examples(labels, ids, lambda idx: images[idx]), 10, (1, 8, 8)
 
 
-def _image_folder(settings: TaskSettings) -> tuple[Examples, int, tuple[int, ...]]:
-    """One sub-folder per class; images are read when a batch needs them (RGB, resized, normalised)."""
-    root = Path(settings.path or "")
+def image_folder_examples(root: Path, size: int, where: str) -> tuple[Examples, int, tuple[int, ...]]:
+    """One sub-folder per class (classes in sorted order); images are read when a batch needs them
+    (RGB, resized to `size`, ImageNet-normalised). `where` names the setting in error messages."""
     if not root.is_dir():
-        raise UserError("task.path", f"{root} is not a directory (one sub-folder of images per class)")
+        raise UserError(where, f"{root} is not a directory (one sub-folder of images per class)")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     files, labels = [], []
     for label, folder in enumerate(class_dirs):
@@ -123,9 +126,8 @@ def _image_folder(settings: TaskSettings) -> tuple[Examples, int, tuple[int, ...
             labels.append(label)
     if len(class_dirs) < 2 or len(files) < 10 * len(class_dirs):
         raise UserError(
-            "task.path", f"{root}: {len(class_dirs)} class folders, {len(files)} images; need ≥ 2 classes, ≥ 10 each"
+            where, f"{root}: {len(class_dirs)} class folders, {len(files)} images; need ≥ 2 classes, ≥ 10 each"
         )
-    size = settings.image_size
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 

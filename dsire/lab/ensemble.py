@@ -28,7 +28,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from dsire.lab.data import Examples
-from dsire.lab.methods import FinetuneSettings
+from dsire.lab.methods import FinetuneSettings, lora_inputs, param_groups
 
 
 @dataclass
@@ -55,6 +55,10 @@ class Ensemble:
     def __len__(self) -> int:
         return next(iter(self.stacked.values())).shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.stacked.values())).device
+
     def per_model_logits(self, x: torch.Tensor, stacked: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Model m's logits on its own inputs x[m]: [M, B, ...] -> [M, B, classes]."""
 
@@ -65,16 +69,16 @@ class Ensemble:
 
     @torch.no_grad()
     def logits(self, examples: Examples, chunk: int = 512) -> torch.Tensor:
-        """Every model's logits on every example: [M, n, classes]."""
+        """Every model's logits on every example, on the CPU: [M, n, classes]."""
         outputs = []
         for start in range(0, len(examples), chunk):
-            x = examples.take(torch.arange(start, min(start + chunk, len(examples))))
-            outputs.append(self.per_model_logits(x.expand(len(self), *x.shape)))
+            x = examples.take(torch.arange(start, min(start + chunk, len(examples)))).to(self.device)
+            outputs.append(self.per_model_logits(x.expand(len(self), *x.shape)).cpu())
         return torch.cat(outputs, dim=1)
 
     def model(self, m: int) -> nn.Module:
         """Model m as an ordinary module (a copy), e.g. to merge its LoRA or save it."""
-        module = copy.deepcopy(self.template).to_empty(device="cpu")
+        module = copy.deepcopy(self.template).to_empty(device=self.device)
         state = {**self.shared, **{n: t[m] for n, t in self.stacked.items()}}
         module.load_state_dict(state, strict=True)
         return module
@@ -132,13 +136,15 @@ def train_ensemble(
     )
     params = {n: ensemble.stacked[n].clone().requires_grad_(True) for n in ensemble.trainable}
     frozen = {n: t for n, t in ensemble.stacked.items() if n not in params}
+    inputs = lora_inputs({n: t.shape for n, t in {**ensemble.shared, **ensemble.stacked}.items()})
     optimiser = torch.optim.SGD(
-        params.values(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+        param_groups(params, inputs, settings), momentum=settings.momentum, weight_decay=settings.weight_decay
     )
     for step in range(settings.steps):
         idx = indices[:, step]
-        logits = ensemble.per_model_logits(examples.take(idx), {**frozen, **params})
-        losses = F.cross_entropy(logits.flatten(0, 1), examples.labels[idx].flatten(), reduction="none")
+        logits = ensemble.per_model_logits(examples.take(idx).to(ensemble.device), {**frozen, **params})
+        labels = examples.labels[idx].flatten().to(ensemble.device)
+        losses = F.cross_entropy(logits.flatten(0, 1), labels, reduction="none")
         optimiser.zero_grad(set_to_none=True)
         losses.view(idx.shape).mean(dim=1).sum().backward()
         optimiser.step()
@@ -169,11 +175,11 @@ def _train_dpsgd(
     data_generator = torch.Generator().manual_seed(seed)
     batch_size = min(settings.batch_size, len(members))
     loader = DataLoader(TensorDataset(members), batch_size=batch_size, generator=data_generator)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # opacus sums the clipped per-example gradients plus noise; lr / batch size makes that a mean
-    optimiser = torch.optim.SGD(
-        params, lr=settings.lr / loader.batch_size, momentum=settings.momentum, weight_decay=settings.weight_decay
-    )
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = param_groups(params, lora_inputs({n: p.shape for n, p in model.named_parameters()}), settings)
+    for group in groups:  # opacus sums the clipped per-example gradients plus noise: / batch size makes a mean
+        group["lr"] /= loader.batch_size
+    optimiser = torch.optim.SGD(groups, momentum=settings.momentum, weight_decay=settings.weight_decay)
     engine = PrivacyEngine(accountant="rdp")
     private, optimiser, loader = engine.make_private(
         module=model,
@@ -188,7 +194,9 @@ def _train_dpsgd(
     step = 0
     while step < settings.steps:
         for (idx,) in loader:
-            loss = F.cross_entropy(private(examples.take(idx)), examples.labels[idx], reduction="sum")
+            device = next(model.parameters()).device
+            logits = private(examples.take(idx).to(device))
+            loss = F.cross_entropy(logits, examples.labels[idx].to(device), reduction="sum")
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

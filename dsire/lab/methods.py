@@ -33,7 +33,8 @@ class FinetuneSettings:
     target_modules: tuple[str, ...] = ("fc1", "fc2", "head")
     steps: int = 300
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.003  # the learning rate of the weights W; LoRA's B steps are scaled to match (see param_groups)
+    scale_lora_lr: bool = True  # False: every parameter steps at `lr` as it is
     momentum: float = 0.9
     weight_decay: float = 0.0
     dp_params: Literal["lora", "lora_fa", "full", "head_only"] = "full"  # what dpsgd trains
@@ -104,3 +105,35 @@ def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     if hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model).merge_and_unload()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def lora_a_moments(init: str, rank: int, d_in: int) -> tuple[float, float]:
+    """Variance v and kurtosis κ of one entry of peft's lora_A [rank, d_in]: kaiming_uniform_(a=√5)
+    is U(−1/√d_in, 1/√d_in), so v = 1/(3 d_in), κ = 9/5; "gaussian" is N(0, 1/rank²), κ = 3."""
+    return (1.0 / (3.0 * d_in), 9.0 / 5.0) if init == "kaiming" else (1.0 / rank**2, 3.0)
+
+
+def param_groups(params: dict[str, torch.Tensor], inputs: dict[str, int], settings: FinetuneSettings) -> list[dict]:
+    """SGD parameter groups in which `settings.lr` is the learning rate of the weights themselves.
+
+    One SGD step on LoRA's B changes the weight by −η s² G AᵀA, whose mean is −η s² r v G (s the
+    scale alpha/r, v the variance of A's entries): at the same η LoRA would move W r·v·s² times as
+    far as full fine-tuning does (far less, and more at higher rank). B's learning rate is therefore
+    lr / (s² r v), so that every method and rank takes steps of the same expected size in W and the
+    comparison is between noises, not between step sizes. A (trained by `lora`) keeps `lr`.
+    `inputs` maps each B's name to its layer's input size d_in (see `lora_inputs`).
+    """
+    scale = settings.alpha / settings.rank if settings.alpha is not None else 1.0
+    groups = []
+    for name, tensor in params.items():
+        lr = settings.lr
+        if settings.scale_lora_lr and "lora_B" in name:
+            variance, _ = lora_a_moments(settings.init, settings.rank, inputs[name])
+            lr = settings.lr / (scale**2 * settings.rank * variance)
+        groups.append({"params": [tensor], "lr": lr})
+    return groups
+
+
+def lora_inputs(shapes: dict[str, torch.Size]) -> dict[str, int]:
+    """{name of a LoRA B: its layer's input size}, read from the matching A's last dimension."""
+    return {n: shapes[n.replace("lora_B", "lora_A")][-1] for n in shapes if "lora_B" in n}

@@ -15,6 +15,7 @@ from torch import nn
 
 from dsire.atomic import atomic_path
 from dsire.distributed import rank_and_world
+from dsire.errors import UserError
 from dsire.hashing import json_hash
 from dsire.lab.backbones import BackboneSettings, build_backbone
 from dsire.lab.data import Task
@@ -25,22 +26,24 @@ from dsire.lora.files import read_safetensors
 from dsire.lora.model import LoRAError
 
 
-def pretrained_backbone(task: Task, backbone: BackboneSettings, pretrain: FinetuneSettings, path: Path) -> nn.Module:
+def pretrained_backbone(
+    task: Task, backbone: BackboneSettings, pretrain: FinetuneSettings, path: Path, device: torch.device
+) -> nn.Module:
     """The backbone trained on the public split only (`pretrain.method`: full or head_only), cached
-    at `path` (named by the recipe's hash, which also seeds the initialisation)."""
+    at `path` (named by the recipe's hash, which also seeds the initialisation), on `device`."""
     torch.manual_seed(int(json_hash(path.name), 16) % 2**31)
     model = build_backbone(backbone, task.input_shape, task.classes)
     try:
         state, _ = read_safetensors(path)
         model.load_state_dict(state)
-        return model.requires_grad_(False)
+        return model.to(device).requires_grad_(False)
     except (LoRAError, RuntimeError):
-        pass  # not cached yet, or damaged: train it again
+        model = model.to(device)  # not cached yet, or damaged: train it
     everything = torch.ones(1, len(task.public), dtype=torch.bool)
     ensemble, _ = train([adapt(model, pretrain, seed=0)], task.public, everything, [0], pretrain)
     model = ensemble.model(0)
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
     return model.requires_grad_(False)
 
 
@@ -86,6 +89,10 @@ def _save_chunk(
     directory: Path,
 ) -> None:
     private_logits = ensemble.logits(task.private)
+    if not torch.isfinite(private_logits).all():
+        raise UserError(
+            "finetune.lr", f"{settings.label} diverged at lr {settings.lr} (NaN or infinite outputs): lower the lr"
+        )
     test_accuracy = (ensemble.logits(task.test).argmax(-1) == task.test.labels).float().mean(1)
     for i, m in enumerate(chunk):
         metrics = {"test_accuracy": float(test_accuracy[i])}
@@ -97,8 +104,8 @@ def _save_chunk(
             settings=dataclasses.asdict(settings),
             mask=masks[m],
             metrics=metrics,
-            state={n: t[i] for n, t in ensemble.stacked.items()},
-            initial={n: t[i] for n, t in ensemble.initial.items()},
+            state={n: t[i].cpu() for n, t in ensemble.stacked.items()},
+            initial={n: t[i].cpu() for n, t in ensemble.initial.items()},
             private_logits=private_logits[i],
         )
         save_record(record, _path(directory, m))
