@@ -108,8 +108,9 @@ def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lora_a_moments(init: str, rank: int, d_in: int) -> tuple[float, float]:
-    """Variance v and kurtosis κ of one entry of peft's lora_A [rank, d_in]: kaiming_uniform_(a=√5)
-    is U(−1/√d_in, 1/√d_in), so v = 1/(3 d_in), κ = 9/5; "gaussian" is N(0, 1/rank²), κ = 3."""
+    """Variance v and kurtosis κ of one entry of peft's lora_A [rank, d_in]. "kaiming":
+    `kaiming_uniform_(a=√5)` has gain √(2/(1+5)) and bound √3 · gain/√d_in = 1/√d_in, so
+    U(−1/√d_in, 1/√d_in): v = 1/(3 d_in), κ = 9/5. "gaussian": `normal_(std=1/rank)`: v = 1/rank², κ = 3."""
     return (1.0 / (3.0 * d_in), 9.0 / 5.0) if init == "kaiming" else (1.0 / rank**2, 3.0)
 
 

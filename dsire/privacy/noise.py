@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
+from dsire.lab.methods import lora_a_moments
+
 INITS = ("kaiming", "gaussian")
 BERRY_ESSEEN_C = 0.4748  # Shevtsova (2011), sums of i.i.d. terms
 KS_FLOOR_CONSTANT = math.sqrt(math.pi / 2) * math.log(2)  # E[Kolmogorov statistic] · √n for n exact draws
@@ -57,17 +59,12 @@ def _check_matrix(name: str, matrix: torch.Tensor) -> None:
 
 
 def entry_moments(init: str, rank: int, d_in: int) -> tuple[float, float]:
-    """Variance v and kurtosis κ of one entry of peft's lora_A [rank, d_in].
-
-    "kaiming": `kaiming_uniform_(a=√5)` has gain √(2/(1+5)) and bound √3 · gain/√d_in = 1/√d_in, so
-    U(−1/√d_in, 1/√d_in): v = 1/(3 d_in), κ = 9/5. "gaussian": `normal_(std=1/rank)`: v = 1/rank², κ = 3.
-    """
+    """Variance v and kurtosis κ of one entry of peft's lora_A [rank, d_in] (`lab.methods.lora_a_moments`,
+    which the lab's learning-rate scaling uses too), with the arguments checked."""
     _check_init(init)
     _check_count("rank", rank)
     _check_count("d_in", d_in)
-    if init == "kaiming":
-        return 1.0 / (3.0 * d_in), 9.0 / 5.0
-    return 1.0 / rank**2, 3.0
+    return lora_a_moments(init, rank, d_in)
 
 
 def draw_lora_A(
