@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import hydra
@@ -48,7 +49,7 @@ def audit(cfg: DictConfig) -> dict:
 
 def _membership(cfg: DictConfig, lab: Lab, settings: MembershipSettings, reporter: bool) -> dict:
     """Every rank trains its share of the models; the reporting rank attacks them and writes the results."""
-    console = Console(quiet=not reporter)
+    console = Console(quiet=not reporter, width=None if sys.stdout.isatty() else 160)  # piped: whole table
     with Progress(console=console, transient=True, disable=not reporter) as progress:
         results = run_membership(lab, settings, progress)
     if not reporter:
@@ -64,7 +65,7 @@ def _noise(cfg: DictConfig, lab: Lab, settings: NoiseSettings) -> dict:
     report = run_noise(lab, settings)
     out = Path(cfg.paths.output_dir)
     trainer = _loggers(cfg, out)
-    _write_noise(report, out, trainer, Console())
+    _write_noise(report, out, trainer, Console(width=None if sys.stdout.isatty() else 160))
     finish_loggers(trainer)
     return report
 
