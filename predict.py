@@ -5,12 +5,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from dsire.errors import exit_on_user_error
+from dsire.errors import report_user_errors
 from dsire.predict import run
 
 
 @hydra.main(config_path="configs", config_name="predict", version_base="1.3")
-@exit_on_user_error
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     sys.exit(run(cfg))
 

@@ -3,12 +3,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from dsire.errors import exit_on_user_error
+from dsire.errors import report_user_errors
 from dsire.train import train
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
-@exit_on_user_error
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     train(cfg)
 

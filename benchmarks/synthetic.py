@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from rich.progress import track
 
-from dsire.csvfile import write_csv
+from dsire.atomic import atomic_write_csv
 from dsire.lora import LoRA, LoRALayer
 from dsire.lora.save import save_lora
 
@@ -77,5 +77,5 @@ def write_zoo(directory: Path, loras: int, rank: int = 32, dtype: torch.dtype = 
                 state[f"{name.removeprefix('unet.')}.lora_B.weight"] = layer.up * factor
             save_lora(state, path, "kohya", {"r": rank, "lora_alpha": rank}, dtype=dtype)
         rows.append({"path": path.name, "n": n, "concept": f"c{i // 6}"})
-    write_csv(directory / "manifest.csv", ("path", "n", "concept"), rows)
+    atomic_write_csv(directory / "manifest.csv", ("path", "n", "concept"), rows)
     return [directory / row["path"] for row in rows]

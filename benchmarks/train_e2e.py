@@ -25,7 +25,7 @@ from pathlib import Path
 from benchmarks.featurise import evict
 from benchmarks.report import command_line, write_section
 from benchmarks.synthetic import write_zoo
-from dsire.csvfile import write_csv
+from dsire.atomic import atomic_write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def main() -> None:
     with (args.dir / "manifest.csv").open(newline="") as f:
         entries = list(csv.DictReader(f))
     quarter_rows = [row | {"path": str(args.dir.resolve() / row["path"])} for row in entries[: len(entries) // 4]]
-    write_csv(quarter, ("path", "n", "concept"), quarter_rows)
+    atomic_write_csv(quarter, ("path", "n", "concept"), quarter_rows)
     rows = []
     for name, manifest, cache, overrides, cold in [
         (f"cold, {args.loras // 4} LoRAs", quarter, work / "cache_quarter", (), True),

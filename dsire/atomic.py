@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,3 +45,19 @@ def _fsync_directory(directory: Path) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def csv_text(columns: Sequence[str], rows: Iterable[Sequence | Mapping]) -> str:
+    """Rows (sequences in `columns` order, or mappings keyed by them) as CSV text: the one CSV writer of
+    the project (zoo manifests, harvest labels, predictions, logged tables, audits, benchmark zoos), so a
+    field with a comma, a quote or a newline is always quoted."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([row[c] for c in columns] if isinstance(row, Mapping) else row for row in rows)
+    return buffer.getvalue()
+
+
+def atomic_write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Sequence | Mapping]) -> None:
+    """`csv_text` of the rows, written atomically."""
+    atomic_write_text(path, csv_text(columns, rows))

@@ -1,4 +1,5 @@
-"""`dsire` command line: `dsire inspect FILE [--json]`, `dsire harvest DIR [--out CSV]`."""
+"""`dsire` command line: `dsire inspect FILE [--json]`, `dsire harvest DIR [--out CSV]`,
+`dsire audit-membership FINETUNE --backbone B --candidates C --reference R [--out CSV]`."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from dsire.errors import EXIT_CODE, ConfigError, require_device
+from dsire.atomic import atomic_write_csv
+from dsire.errors import EXIT_CODE, UserError
 from dsire.harvest import CONCEPT_SOURCES, harvest, write_labels
 from dsire.lora import FORMATS, LoRA, LoRAError, load_lora
 from dsire.lora.family import guess_base_model
+from dsire.settings import require_device
 from dsire.spectra import Spectra, lora_spectra
 
 
@@ -72,7 +75,7 @@ def _print_report(report: dict, top: int, console: Console) -> None:
 def _inspect(args: argparse.Namespace) -> int:
     try:
         require_device("--device", args.device)
-    except ConfigError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CODE
     try:
@@ -115,6 +118,42 @@ def _harvest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_membership(args: argparse.Namespace) -> int:
+    from dsire.privacy.auditor import ATTACKS as AUDIT_ATTACKS  # the lab's imports (peft, opacus) only when used
+    from dsire.privacy.auditor import audit_membership
+
+    try:
+        result = audit_membership(
+            Path(args.finetune),
+            Path(args.backbone),
+            Path(args.candidates),
+            Path(args.reference),
+            args.image_size,
+            args.allow_torch_load,
+        )
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    columns = ["example", "label"] + [f"{a}_{part}" for a in AUDIT_ATTACKS for part in ("score", "p_value")]
+    rows = [
+        [identifier, label] + [v for a in AUDIT_ATTACKS for v in (result.scores[a][i], result.p_values[a][i])]
+        for i, (identifier, label) in enumerate(zip(result.ids, result.labels, strict=True))
+    ]
+    if args.out:
+        atomic_write_csv(args.out, columns, rows)
+        print(f"wrote {args.out}")
+    else:
+        table = Table(*columns)
+        for row in rows:
+            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+        Console(width=200).print(table)
+    for attack in AUDIT_ATTACKS:
+        flagged = int((result.p_values[attack] < args.level).sum())
+        expected = f"non-members: ≤ {args.level:.0%} expected"
+        print(f"{attack}: {flagged} of {len(rows)} candidates below p = {args.level} ({expected})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsire", description="What data went into this fine-tuned model?")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="group kept on one side of a split: the run's ss_output_name (default) or the file's folder",
     )
     harvest_command.set_defaults(run=_harvest)
+    membership = commands.add_parser(
+        "audit-membership", help="were these examples in my fine-tune? loss and white-box scores with p-values"
+    )
+    membership.add_argument("finetune", help="the fine-tune: a LoRA in any format dsire reads, or a whole state dict")
+    membership.add_argument("--backbone", required=True, help="the public backbone it started from (.safetensors)")
+    membership.add_argument("--candidates", required=True, help="CSV (column example: digits/17, ...) or image folder")
+    membership.add_argument("--reference", required=True, help="known non-members, as --candidates (≥ 19)")
+    membership.add_argument("--image-size", type=int, default=224, help="side of the images of image folders")
+    membership.add_argument("--level", type=float, default=0.05, help="p-value below which a candidate is counted")
+    membership.add_argument("--out", help="write the scores and p-values as CSV (atomically)")
+    membership.add_argument(
+        "--allow-torch-load", action="store_true", help="read .ckpt/.pt/.bin LoRAs with torch.load(weights_only=True)"
+    )
+    membership.set_defaults(run=_audit_membership)
     return parser
 
 

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsire.csvfile import write_csv
+from dsire.atomic import atomic_write_csv
 from dsire.lora.files import SAFETENSORS_SUFFIXES, read_safetensors_metadata
 from dsire.lora.load import resolve_weights_file
 from dsire.lora.model import LoRAError
@@ -202,4 +202,4 @@ def harvest(root: str | Path, recursive: bool = False, concept_from: str = "outp
 
 def write_labels(rows: list[dict[str, str | int]], path: str | Path) -> None:
     """The rows as CSV (LABEL_COLUMNS), written atomically: a labels file `data=labels_dir` reads."""
-    write_csv(path, LABEL_COLUMNS, rows)
+    atomic_write_csv(path, LABEL_COLUMNS, rows)

@@ -1,18 +1,35 @@
-"""The project's SHA-256 digests, each computed one way: of tensors (base-model fingerprints, checkpoint
-content), of a file's bytes (spectra cache keys), and of JSON-able settings (recipes, cache settings)."""
+"""The project's SHA-256 digests, each computed one way: of settings (`json_hash`: the cache keys of
+pretrained backbones, zoo bases, training records, spectra cache settings), of tensors and of files."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 
+def json_hash(value: Any) -> str:
+    """16 hex digits of SHA-256 over canonical JSON (sorted keys; dataclasses as dicts)."""
+    text = json.dumps(value, sort_keys=True, default=_plain)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} has no canonical JSON form")
+
+
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
-    """Over every tensor's name, dtype, shape and bytes, in name order: independent of the file holding them."""
+    """Over every tensor's name, dtype, shape and bytes, in name order: independent of the file holding them
+    (base-model fingerprints, checkpoint contents)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
@@ -22,13 +39,9 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """Of a file's bytes, read in blocks (the spectra cache's content keys)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def json_sha256(value: object) -> str:
-    """Of the JSON text with sorted keys: equal settings give equal digests whatever their order."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

@@ -18,8 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from dsire.atomic import atomic_write_text
-from dsire.csvfile import csv_text
+from dsire.atomic import atomic_write_text, csv_text
 
 
 class WandbLogger(loggers.WandbLogger):
@@ -106,7 +105,7 @@ def log_table(trainer: pl.Trainer, key: str, columns: list[str], rows: list[list
     """Write the table as CSV in the output dir; W&B also gets it as a table."""
     path = Path(output_dir) / "tables" / f"{key.replace('/', '_')}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = csv_text(columns, [dict(zip(columns, row, strict=True)) for row in rows])
+    text = csv_text(columns, rows)
     atomic_write_text(path, text)
     for logger in trainer.loggers:
         if isinstance(logger, loggers.WandbLogger):

@@ -21,16 +21,16 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from dsire.atomic import atomic_write_text
-from dsire.csvfile import csv_text
+from dsire.atomic import atomic_write_text, csv_text
 from dsire.data.datamodule import zoo_batches
 from dsire.data.sources import ZooEntry, scan_directory
-from dsire.errors import ConfigError, require_device
+from dsire.errors import UserError
 from dsire.harvest import claimed_columns
 from dsire.loggers import quiet_library_noise
 from dsire.lora.load import PEFT_CONFIG, WEIGHT_SUFFIXES
 from dsire.models.checkpoint import load_checkpoint
 from dsire.models.features import Features
+from dsire.settings import require_device
 
 OUTPUTS = ("table", "json", "csv")
 FILE_MIN_WIDTH = 12
@@ -173,9 +173,9 @@ def print_table(rows: list[dict], console: Console | None = None) -> None:
 def check_options(cfg: DictConfig) -> None:
     """Refuse options that would be ignored or fail late, before any file is read."""
     if cfg.output not in OUTPUTS:
-        raise ConfigError("output", f"{cfg.output!r} is not allowed; one of {list(OUTPUTS)}")
+        raise UserError("output", f"{cfg.output!r} is not allowed; one of {list(OUTPUTS)}")
     if cfg.output_file and cfg.output == "table":
-        raise ConfigError("output_file", "the table is for the terminal; to write a file use output=json or output=csv")
+        raise UserError("output_file", "the table is for the terminal; to write a file use output=json or output=csv")
     require_device("trainer.accelerator", cfg.trainer.accelerator)
 
 

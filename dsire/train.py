@@ -26,11 +26,11 @@ from rich.text import Text
 from dsire.atomic import atomic_write_text
 from dsire.data.datamodule import LoRAZooDataModule
 from dsire.distributed import gather, one_rank_at_a_time
-from dsire.errors import require_device
 from dsire.loggers import finish_loggers, log_metrics, log_run_settings, prepare_wandb, quiet_library_noise
 from dsire.models.checkpoint import save_checkpoint
 from dsire.models.features import Features, gather_features
 from dsire.models.module import DSiReModule
+from dsire.settings import require_device
 
 log = logging.getLogger(__name__)
 SCALARS = ("accuracy", "mae", "mape", "regression_mae", "coverage", "interval_width", "mismatch_rate")

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from dsire.data.cache import SpectraCache
-from dsire.hashing import file_sha256, json_sha256, tensors_sha256
+from dsire.hashing import file_sha256, json_hash, tensors_sha256
 from dsire.zoo.base import fingerprint
 from dsire.zoo.sweep import recipe_hash
 
@@ -38,7 +38,7 @@ def test_digests_see_every_change():
         {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor(4)},  # a value
     ):
         assert tensors_sha256(changed) != digest
-    assert json_sha256({"x": 1, "y": [2]}) == json_sha256({"y": [2], "x": 1}) != json_sha256({"x": 2, "y": [2]})
+    assert json_hash({"x": 1, "y": [2]}) == json_hash({"y": [2], "x": 1}) != json_hash({"x": 2, "y": [2]})
 
 
 def test_file_digest_is_sha256_of_the_bytes(tmp_path):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from dsire.atomic import atomic_path, atomic_write_text
 from dsire.data.sources import ZooEntry
-from dsire.hashing import file_sha256, json_sha256
+from dsire.hashing import file_sha256, json_hash
 from dsire.lora.load import resolve_weights_file
 from dsire.spectra import Spectra
 
@@ -32,7 +32,7 @@ class SpectraCache:
     """get/put the per-layer spectra of zoo entries under `root/<settings>/<hash>.safetensors`."""
 
     def __init__(self, root: str | Path, settings: dict):
-        self.dir = Path(root) / json_sha256({"version": CACHE_VERSION, **settings})[:12]
+        self.dir = Path(root) / json_hash({"version": CACHE_VERSION, **settings})[:12]
         self.dir.mkdir(parents=True, exist_ok=True)
         self._hashes_file = Path(root) / "content_hashes.json"
         self._hashes: dict[str, str] = self._read_hashes()

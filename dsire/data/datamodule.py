@@ -13,15 +13,17 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from dsire.data.cache import SpectraCache
-from dsire.data.config import DataConfig, SourceConfig
+from dsire.data.config import DataConfig, SourceConfig, SplitConfig
 from dsire.data.sources import ZooEntry, from_labels_dir, from_lorawise, from_manifest
 from dsire.data.splits import Split, make_splits
 from dsire.distributed import ShardSampler
-from dsire.errors import ConfigError
+from dsire.errors import UserError
 from dsire.lora import LoRAError
+from dsire.settings import from_config
 
 
 class ZooDataset(Dataset):
@@ -105,13 +107,13 @@ def load_entries(source: SourceConfig) -> list[ZooEntry]:
         manifest = path / "manifest.csv" if path.is_dir() else path
         if not manifest.is_file():
             make = f"; make the zoo with: {source.make}" if source.make else ""
-            raise ConfigError("data.source.path", f"{manifest} does not exist{make}")
+            raise UserError("data.source.path", f"{manifest} does not exist{make}")
         return from_manifest(manifest)
     if source.kind == "labels_dir":
         if not path.is_dir():
-            raise ConfigError("data.source.path", f"{path} is not a folder (a folder of LoRAs with {source.labels})")
+            raise UserError("data.source.path", f"{path} is not a folder (a folder of LoRAs with {source.labels})")
         if not (path / source.labels).is_file():
-            raise ConfigError("data.source.labels", f"{path / source.labels} does not exist (a CSV: file,n,concept)")
+            raise UserError("data.source.labels", f"{path / source.labels} does not exist (a CSV: file,n,concept)")
         return from_labels_dir(path, source.labels)
     return from_lorawise(source.path, source.subset, source.cache_dir, source.rank)
 
@@ -131,7 +133,10 @@ class LoRAZooDataModule(pl.LightningDataModule):
         allow_torch_load: bool = False,
     ):
         super().__init__()
-        self.config = DataConfig.build(source, split, sizes, train_sizes, batch_size)
+        self.source = from_config(SourceConfig, source, "data.source")
+        self.split = from_config(SplitConfig, split, "data.split")
+        sized = OmegaConf.create({"sizes": sizes, "train_sizes": train_sizes, "batch_size": batch_size})
+        self.config = from_config(DataConfig, sized, "data")
         self.train_sizes = self.config.train_sizes
         self.batch_size, self.allow_torch_load = batch_size, allow_torch_load
         self.cache = SpectraCache(cache_dir, cache_settings or {}) if cache_dir else None
@@ -140,22 +145,22 @@ class LoRAZooDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.entries:
             return
-        entries = load_entries(self.config.source)
+        entries = load_entries(self.source)
         zoo_sizes = sorted({e.n for e in entries})
         sizes = self.config.sizes
         for key, wanted in (("data.sizes", sizes), ("data.train_sizes", self.train_sizes)):
             missing = sorted(set(wanted or ()) - set(zoo_sizes))
             if missing:
-                raise ConfigError(key, f"{missing} not among the zoo's sizes {zoo_sizes}")
+                raise UserError(key, f"{missing} not among the zoo's sizes {zoo_sizes}")
         self.entries = [e for e in entries if sizes is None or e.n in sizes]
         if len({e.n for e in self.entries}) < 2:
-            raise ConfigError("data.sizes", f"the zoo has one size only ({zoo_sizes}); DSiRe needs two or more")
+            raise UserError("data.sizes", f"the zoo has one size only ({zoo_sizes}); DSiRe needs two or more")
         self.splits_of([e.concept for e in self.entries])  # too few concepts: fail before reading any weights
 
     def splits_of(self, concepts: list[str]) -> list[Split]:
         """Concept-grouped splits of these concepts: those of the LoRAs that could be read, so that an
         unreadable file cannot change how the other concepts are split."""
-        return make_splits(sorted(set(concepts)), self.config.split)
+        return make_splits(sorted(set(concepts)), self.split)
 
     def entries_of(self, concepts: tuple[str, ...] | None = None) -> list[ZooEntry]:
         return [e for e in self.entries if concepts is None or e.concept in concepts]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dsire.errors import ConfigError
+from dsire.errors import UserError
 from dsire.lora import LoRA, LoRAError, load_lora
 from dsire.lora.load import PEFT_CONFIG, os_problem
 from dsire.lora.lorawise import CONCEPT_COLUMN, LABEL_COLUMN, subset_rank
@@ -183,7 +183,7 @@ def lorawise_files(dataset: str | Path, subset: str | None, cache_dir: str | Pat
     if local.exists():
         files = sorted(map(str, local.rglob("*.parquet"))) if local.is_dir() else [str(local)]
         if not files:
-            raise ConfigError("data.source.path", f"{local} holds no .parquet files")
+            raise UserError("data.source.path", f"{local} holds no .parquet files")
         builder = load_dataset_builder("parquet", data_files=files, cache_dir=str(cache_dir))
         return [Path(f) for f in builder.config.data_files["train"]]
     try:  # network errors, an unknown dataset or subset, offline mode: all OSErrors in datasets/huggingface_hub
@@ -192,7 +192,7 @@ def lorawise_files(dataset: str | Path, subset: str | None, cache_dir: str | Pat
         return [Path(f) for f in manager.download(list(builder.config.data_files["train"]))]
     except OSError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
+        raise UserError(
             "data.source.path",
             f"cannot get the Hugging Face dataset {dataset} ({reason}); with no network, give a local copy of its "
             "parquet files (data.source.path=DIR)",

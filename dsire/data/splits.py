@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 
 from dsire.data.config import SplitConfig
-from dsire.errors import ConfigError
+from dsire.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,10 @@ def make_splits(concepts: list[str], config: SplitConfig) -> list[Split]:
     """The splits `config` asks for; too few concepts for them is an error naming the key."""
     if config.protocol == "kfold":
         if config.folds > len(concepts):
-            raise ConfigError(
+            raise UserError(
                 "data.split.folds", f"{config.folds} folds need {config.folds} concepts; the zoo has {len(concepts)}"
             )
         return kfold(concepts, config.folds, config.seed)
     if config.n_train >= len(concepts):
-        raise ConfigError("data.split.n_train", f"{config.n_train} leaves no test concept out of {len(concepts)}")
+        raise UserError("data.split.n_train", f"{config.n_train} leaves no test concept out of {len(concepts)}")
     return paper(concepts, config.n_train, config.repeats, config.seed)

@@ -18,6 +18,7 @@ import numpy as np
 from safetensors.torch import save_file
 
 from dsire.atomic import atomic_path
+from dsire.errors import UserError
 from dsire.hashing import tensors_sha256
 from dsire.lora.files import read_safetensors
 from dsire.lora.model import LoRAError
@@ -88,7 +89,7 @@ def load_checkpoint(path: str | Path, use_faiss_gpu: bool = True) -> DSiReModule
             raise ValueError(f"regression coefficients have shape {tuple(coef.shape)}, expected ({width},)")
         if "calibration" in header:
             module.calibration = Calibration.from_state(tensors, header["calibration"])
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, ValueError, UserError, json.JSONDecodeError) as exc:
         raise CheckpointError(path, f"not a valid DSiRe checkpoint ({type(exc).__name__}: {exc})") from exc
     module.metadata = dict(header.get("metadata", {}))
     return module

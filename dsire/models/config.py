@@ -1,31 +1,30 @@
 """`ModelConfig`: the DSiRe model's settings (`configs/model/dsire.yaml`), checked when they are built.
 
-Every value is checked on its own, and a bad one raises `ConfigError` naming `model.<key>`, the value
-and what is allowed, before any LoRA is read.
+Built with `dsire.settings.from_config`: a wrong type, an unknown key or a value out of range is a
+`UserError` naming `model.<key>`, the value and what is allowed, before any LoRA is read.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from dsire.errors import is_int, is_number, require
-from dsire.models.features import PARTS
-from dsire.models.knn import NORMALISATIONS, WEIGHTINGS
+from dsire.models.features import PARTS, Part
+from dsire.models.knn import Normalisation, Weighting
+from dsire.settings import require
 
-DTYPES = ("float32", "float64")
 SEARCH = re.compile(r"\w+=[0-9.]+(,\w+=[0-9.]+)*")  # FAISS ParameterSpace: name=value[,name=value ...]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    parts: tuple[str, ...] = ("delta", "down", "up")
+    parts: tuple[Part, ...] = ("delta", "down", "up")
     num_sv: int | None = None
     k: int = 1
-    weighting: str = "uniform"
-    normalisation: str = "global"
-    spectra_dtype: str = "float32"
+    weighting: Weighting = "uniform"
+    normalisation: Normalisation = "global"
+    spectra_dtype: Literal["float32", "float64"] = "float32"
     use_faiss_gpu: bool = True
     index: str = "Flat"
     index_search: str = ""
@@ -35,50 +34,18 @@ class ModelConfig:
     calibration_points: int = 2000
 
     def __post_init__(self) -> None:
-        listed = isinstance(self.parts, Sequence) and not isinstance(self.parts, str)
-        parts = tuple(self.parts) if listed else self.parts
-        ok = listed and bool(parts) and len(set(parts)) == len(parts) and set(parts) <= set(PARTS)
-        require(ok, "model.parts", self.parts, f"a non-empty list of distinct parts from {list(PARTS)}")
-        object.__setattr__(self, "parts", parts)
+        distinct = bool(self.parts) and len(set(self.parts)) == len(self.parts)
+        require(distinct, "parts", f"{list(self.parts)}: name one or more of {', '.join(PARTS)}, each once")
+        require(self.num_sv is None or self.num_sv >= 1, "num_sv", f"{self.num_sv} must be at least 1 (null: all)")
+        require(self.k >= 1, "k", f"{self.k} must be at least 1 (neighbours per voter)")
+        require(bool(self.index), "index", "empty; a FAISS factory string such as Flat, HNSW32 or IVF1024,Flat")
         require(
-            self.num_sv is None or (is_int(self.num_sv) and self.num_sv >= 1),
-            "model.num_sv",
-            self.num_sv,
-            "null (all singular values) or a whole number >= 1",
+            not self.index_search or SEARCH.fullmatch(self.index_search) is not None,
+            "index_search",
+            f"{self.index_search!r} is not name=value[,name=value] (on the command line: "
+            "'model.index_search=\"efSearch=64\"')",
         )
-        require(is_int(self.k) and self.k >= 1, "model.k", self.k, "a whole number >= 1 (neighbours per voter)")
-        require(self.weighting in WEIGHTINGS, "model.weighting", self.weighting, f"one of {list(WEIGHTINGS)}")
-        require(
-            self.normalisation in NORMALISATIONS,
-            "model.normalisation",
-            self.normalisation,
-            f"one of {list(NORMALISATIONS)}",
-        )
-        require(self.spectra_dtype in DTYPES, "model.spectra_dtype", self.spectra_dtype, f"one of {list(DTYPES)}")
-        require(isinstance(self.use_faiss_gpu, bool), "model.use_faiss_gpu", self.use_faiss_gpu, "true or false")
-        require(
-            isinstance(self.index, str) and bool(self.index),
-            "model.index",
-            self.index,
-            "a FAISS factory string such as Flat, HNSW32 or IVF1024,Flat",
-        )
-        require(
-            isinstance(self.index_search, str) and (not self.index_search or SEARCH.fullmatch(self.index_search)),
-            "model.index_search",
-            self.index_search,
-            "empty, or FAISS search parameters name=value[,name=value], e.g. 'model.index_search=\"efSearch=64\"'",
-        )
-        for key, value in (("coverage", self.coverage), ("false_alarm", self.false_alarm)):
-            require(is_number(value) and 0 < value < 1, f"model.{key}", value, "a number strictly between 0 and 1")
-        require(
-            is_int(self.calibration_folds) and self.calibration_folds >= 2,
-            "model.calibration_folds",
-            self.calibration_folds,
-            "a whole number >= 2",
-        )
-        require(
-            is_int(self.calibration_points) and self.calibration_points >= 1,
-            "model.calibration_points",
-            self.calibration_points,
-            "a whole number >= 1",
-        )
+        require(0 < self.coverage < 1, "coverage", f"{self.coverage} is not in (0, 1)")
+        require(0 < self.false_alarm < 1, "false_alarm", f"{self.false_alarm} is not in (0, 1)")
+        require(self.calibration_folds >= 2, "calibration_folds", f"{self.calibration_folds} must be at least 2")
+        require(self.calibration_points >= 1, "calibration_points", f"{self.calibration_points} must be at least 1")

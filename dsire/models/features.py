@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -10,7 +11,8 @@ import torch
 from dsire.distributed import gather
 from dsire.spectra import Spectra
 
-PARTS = ("delta", "down", "up", "norms")
+Part = Literal["delta", "down", "up", "norms"]
+PARTS = get_args(Part)
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import faiss
 import numpy as np
 import torch
 
-WEIGHTINGS = ("uniform", "distance")
-NORMALISATIONS = ("global", "voter")
+Weighting = Literal["uniform", "distance"]
+Normalisation = Literal["global", "voter"]
+WEIGHTINGS, NORMALISATIONS = get_args(Weighting), get_args(Normalisation)
 
 
 @dataclass

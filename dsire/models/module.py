@@ -14,6 +14,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from dsire.data.cache import SpectraCache
 from dsire.models.calibration import Calibration, Estimate, FitPredict, calibrate
@@ -22,6 +23,7 @@ from dsire.models.features import Features, FeatureSpec, gather_features, stack,
 from dsire.models.knn import KNNVote, Prediction
 from dsire.models.metrics import split_metrics
 from dsire.models.regression import SizeRegressor
+from dsire.settings import from_config
 from dsire.spectra import batch_spectra
 
 
@@ -46,7 +48,7 @@ class DSiReModule(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.config = ModelConfig(**self.hparams)  # refuses a bad value, naming its key
+        self.config = from_config(ModelConfig, OmegaConf.create(dict(self.hparams)), "model")  # names a bad key
         self.spec = FeatureSpec(self.config.parts, num_sv)
         self.knn = self._new_knn()
         self.regressor = SizeRegressor()

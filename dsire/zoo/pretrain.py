@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from dsire.hashing import json_sha256
+from dsire.hashing import json_hash
 from dsire.zoo.base import BOS, EOS, BaseModel, save_tiny, tiny_modules
 from dsire.zoo.data import digit_images
 from dsire.zoo.harness import NoisePrediction, quiet_trainer
@@ -28,7 +28,7 @@ def prompt(class_id: int, identifier: bool) -> torch.Tensor:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    return json_sha256(OmegaConf.to_container(cfg, resolve=True))[:16]
+    return json_hash(OmegaConf.to_container(cfg, resolve=True))
 
 
 def _cached_hash(path: Path) -> str | None:

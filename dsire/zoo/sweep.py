@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from dsire.csvfile import write_csv
+from dsire.atomic import atomic_write_csv
 from dsire.lora.save import save_lora
 from dsire.zoo.finetune import finetune, lora_config
 from dsire.zoo.pretrain import config_hash
@@ -101,7 +101,7 @@ def read_manifest(out_dir: Path) -> list[dict[str, str]]:
 
 def write_manifest(out_dir: Path, rows: list[dict]) -> None:
     order = sorted(rows, key=lambda r: (r["concept"], int(r["n"]), int(r["replicate"]), int(r["step"])))
-    write_csv(out_dir / MANIFEST, COLUMNS, order)
+    atomic_write_csv(out_dir / MANIFEST, COLUMNS, order)
 
 
 def finished(job: Job, rows: list[dict[str, str]], cfg: DictConfig, out_dir: Path) -> bool:
