@@ -10,7 +10,6 @@ configuration trains is the audit's default. Writes the table to benchmarks/READ
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +20,8 @@ from dsire.lab.build import Lab, build_lab
 from dsire.lab.ensemble import train
 from dsire.lab.methods import FinetuneSettings, adapt
 from dsire.lab.subsets import half_masks
+from dsire.project import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGURATIONS = [("full", 8), ("lora_fa", 1), ("lora_fa", 8), ("lora_fa", 64), ("lora", 1), ("lora", 8), ("lora", 64)]
 CONFIGURATIONS += [("head_only", 8)]
 

@@ -16,20 +16,28 @@ import lightning.pytorch as pl
 import matplotlib.pyplot as plt
 from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from dsire.atomic import atomic_write_csv, atomic_write_text
 from dsire.errors import UserError
 from dsire.lab.build import Lab, build_lab
-from dsire.loggers import finish_loggers, log_figure, log_metrics, prepare_wandb
+from dsire.loggers import (
+    Report,
+    finish_loggers,
+    log_figure,
+    log_metrics,
+    log_run_settings,
+    prepare_wandb,
+    quiet_library_noise,
+)
 from dsire.privacy.figures import auc_vs_rank, noise_vs_rank, roc_curves
 from dsire.privacy.membership import ATTACKS, ConfigurationResult, MembershipSettings, run_membership
 from dsire.privacy.noise_study import NoiseSettings, run_noise
 from dsire.settings import from_config
 
 ANALYSES = ("mia", "noise")
+PIPED_WIDTH = None if sys.stdout.isatty() else 160  # piped output: whole tables, never cropped columns
 
 
 def audit(cfg: DictConfig) -> dict:
@@ -40,6 +48,7 @@ def audit(cfg: DictConfig) -> dict:
         if cfg.analysis == "mia"
         else from_config(NoiseSettings, cfg.get("noise"), "noise")
     )
+    quiet_library_noise()
     fabric = launch(cfg.lab)
     lab = build_lab(cfg, fabric.device)
     if isinstance(settings, MembershipSettings):
@@ -49,14 +58,14 @@ def audit(cfg: DictConfig) -> dict:
 
 def _membership(cfg: DictConfig, lab: Lab, settings: MembershipSettings, reporter: bool) -> dict:
     """Every rank trains its share of the models; the reporting rank attacks them and writes the results."""
-    console = Console(quiet=not reporter, width=None if sys.stdout.isatty() else 160)  # piped: whole table
-    with Progress(console=console, transient=True, disable=not reporter) as progress:
+    say = Report(quiet=not reporter, width=PIPED_WIDTH)
+    with Progress(console=say.console, transient=True, disable=not reporter) as progress:
         results = run_membership(lab, settings, progress)
     if not reporter:
         return {}
     out = Path(cfg.paths.output_dir)
     trainer = _loggers(cfg, out)
-    report = _write_membership(results, lab.task.private.ids, out, trainer, console)
+    report = _write_membership(results, lab.task.private.ids, out, trainer, say)
     finish_loggers(trainer)
     return report
 
@@ -65,7 +74,7 @@ def _noise(cfg: DictConfig, lab: Lab, settings: NoiseSettings) -> dict:
     report = run_noise(lab, settings)
     out = Path(cfg.paths.output_dir)
     trainer = _loggers(cfg, out)
-    _write_noise(report, out, trainer, Console(width=None if sys.stdout.isatty() else 160))
+    _write_noise(report, out, trainer, Report(quiet=False, width=PIPED_WIDTH))
     finish_loggers(trainer)
     return report
 
@@ -90,13 +99,12 @@ def _loggers(cfg: DictConfig, out: Path) -> pl.Trainer:
     prepare_wandb(out)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = pl.Trainer(logger=loggers or False, accelerator="cpu", devices=1, enable_progress_bar=False)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    log_run_settings(trainer, OmegaConf.to_container(cfg, resolve=True))
     return trainer
 
 
 def _write_membership(
-    results: list[ConfigurationResult], ids: list[str], out: Path, trainer: pl.Trainer, console: Console
+    results: list[ConfigurationResult], ids: list[str], out: Path, trainer: pl.Trainer, say: Report
 ) -> dict:
     report = {r.settings.label: r.summary for r in results}
     atomic_write_text(out / "mia.json", json.dumps(report, indent=1))
@@ -139,12 +147,12 @@ def _write_membership(
             f"{attacks['loss']['auc']:.3f}",
             f"{attacks['white_box']['auc']:.3f}",
         )
-    console.print(table)
-    console.print(f"results: {out / 'mia.json'}, {out / 'mia_scores.csv'}, {out / 'figures'}")
+    say(table)
+    say(f"results: {out / 'mia.json'}, {out / 'mia_scores.csv'}, {out / 'figures'}")
     return report
 
 
-def _write_noise(report: dict, out: Path, trainer: pl.Trainer, console: Console) -> None:
+def _write_noise(report: dict, out: Path, trainer: pl.Trainer, say: Report) -> None:
     atomic_write_text(out / "noise.json", json.dumps(report, indent=1))
     rows = report["per_rank"]
     columns = list(rows[0])
@@ -170,10 +178,10 @@ def _write_noise(report: dict, out: Path, trainer: pl.Trainer, console: Console)
             bound = sum(r["berry_esseen_bound"] for r in chosen) / len(chosen)
             distances.append(f"{ks:.3f} ({bound:.2f})")
         table.add_row(str(rank), *ratios, *distances)
-    console.print(table)
+    say(table)
     for layer, comparison in report["whole_run"].items():
-        console.print(
+        say(
             f"whole LoRA-FA fine-tune vs full, {layer}: cosine {comparison['cosine']:.3f} "
             f"(one-step theory {comparison['predicted_cosine']:.3f}), noise ratio {comparison['noise_ratio']:.2f}"
         )
-    console.print(f"results: {out / 'noise.json'}, {out / 'noise.csv'}, {out / 'figures'}")
+    say(f"results: {out / 'noise.json'}, {out / 'noise.csv'}, {out / 'figures'}")

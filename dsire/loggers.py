@@ -6,6 +6,7 @@ never the user's home, so runs are self-contained and work on machines without n
 
 from __future__ import annotations
 
+import io
 import logging
 import netrc
 import os
@@ -17,8 +18,11 @@ from lightning.pytorch import loggers
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
+from rich.console import Console
 
 from dsire.atomic import atomic_write_text, csv_text
+
+log = logging.getLogger(__name__)
 
 
 class WandbLogger(loggers.WandbLogger):
@@ -121,3 +125,19 @@ def finish_loggers(trainer: pl.Trainer) -> None:
         logger.finalize("success")
         if isinstance(logger, loggers.WandbLogger):
             logger.experiment.finish()
+
+
+class Report:
+    """What a run says: printed on the terminal (rank 0) and logged as text into the run's train.log."""
+
+    def __init__(self, quiet: bool, width: int | None = None):
+        self.console = Console(quiet=quiet, width=width)
+
+    def __call__(self, renderable) -> None:
+        if self.console.quiet:
+            return
+        self.console.print(renderable)
+        text = Console(file=io.StringIO(), width=200, color_system=None)
+        text.print(renderable)
+        for line in text.file.getvalue().rstrip().splitlines():
+            log.info(line)

@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -19,20 +17,18 @@ import hydra
 import lightning.pytorch as pl
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from dsire.atomic import atomic_write_text
 from dsire.data.datamodule import LoRAZooDataModule
 from dsire.distributed import gather, one_rank_at_a_time
-from dsire.loggers import finish_loggers, log_metrics, log_run_settings, prepare_wandb, quiet_library_noise
+from dsire.loggers import Report, finish_loggers, log_metrics, log_run_settings, prepare_wandb, quiet_library_noise
 from dsire.models.checkpoint import save_checkpoint
 from dsire.models.features import Features, gather_features
 from dsire.models.module import DSiReModule
 from dsire.settings import require_device
 
-log = logging.getLogger(__name__)
 SCALARS = ("accuracy", "mae", "mape", "regression_mae", "coverage", "interval_width", "mismatch_rate")
 UNSEEN = (  # with data.train_sizes: unseen sizes, those between trained sizes and those beyond their range
     "mae_seen",
@@ -56,22 +52,6 @@ def build(cfg: DictConfig) -> tuple[LoRAZooDataModule, pl.Trainer]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     log_run_settings(trainer, {key: resolved[key] for key in ("seed", "data", "model", "trainer")})
     return datamodule, trainer
-
-
-class Report:
-    """What a run says: printed on the terminal (rank 0) and logged as text into the run's train.log."""
-
-    def __init__(self, quiet: bool):
-        self.console = Console(quiet=quiet)
-
-    def __call__(self, renderable) -> None:
-        if self.console.quiet:
-            return
-        self.console.print(renderable)
-        text = Console(file=io.StringIO(), width=200, color_system=None)
-        text.print(renderable)
-        for line in text.file.getvalue().rstrip().splitlines():
-            log.info(line)
 
 
 def new_model(cfg: DictConfig, datamodule: LoRAZooDataModule) -> DSiReModule:

@@ -40,7 +40,7 @@ def mia_tiny(tmp_path_factory) -> Path:
 def test_mia_rank_tiny_headline_numbers(mia_tiny: Path) -> None:
     report = json.loads((mia_tiny / "mia.json").read_text())
     assert list(report) == ["lora_r1", "lora_fa_r4", "full", "dpsgd_full_s0.0383"]
-    expected_auc = {"lora_r1": 0.618, "lora_fa_r4": 0.619, "full": 0.649, "dpsgd_full_s0.0383": 0.577}
+    expected_auc = {"lora_r1": 0.618, "lora_fa_r4": 0.619, "full": 0.649, "dpsgd_full_s0.0383": 0.570}
     for config, value in expected_auc.items():
         assert report[config]["auc"] == pytest.approx(value, abs=0.02), config
         assert report[config]["test_accuracy"] == pytest.approx(0.955, abs=0.02), config
