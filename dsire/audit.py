@@ -149,6 +149,11 @@ def _write_noise(report: dict, out: Path, trainer: pl.Trainer, console: Console)
     rows = report["per_rank"]
     columns = list(rows[0])
     atomic_write_csv(out / "noise.csv", columns, rows)
+    for step, row in enumerate(rows):  # one logged point per (layer, step, init, rank) measurement
+        tag = f"noise/{row['layer']}/step{row['step']}/{row['init']}"
+        log_metrics(
+            trainer, {f"{tag}/{k}": row[k] for k in ("variance_ratio", "ks_distance")} | {"rank": row["rank"]}, step
+        )
     figure = noise_vs_rank(rows)
     log_figure(trainer, "noise/vs_rank", figure, out)
     plt.close(figure)

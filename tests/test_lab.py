@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +145,20 @@ def test_image_folder_task_reads_local_images(tmp_path) -> None:
     assert all(i.split("/")[0] in ("cat", "dog") for i in task.private.ids)
     with pytest.raises(UserError, match=r"task\.path"):
         load_task(TaskSettings(name="image_folder", path=str(tmp_path / "cat")))
+
+
+def test_dpsgd_reports_the_accountants_epsilon_for_its_sampling(backbone: nn.Module) -> None:
+    from opacus.accountants import RDPAccountant
+
+    settings = FinetuneSettings(method="dpsgd", dp_params="lora", rank=2, steps=20, batch_size=8, noise_multiplier=1.3)
+    mask = torch.zeros(1, len(TASK.private), dtype=torch.bool)
+    mask[0, :30] = True
+    model = adapt(backbone, settings, seed=0)
+    ensemble, (epsilon,) = train([model], TASK.private, mask, [0], settings)
+    accountant = RDPAccountant()
+    for _ in range(20):
+        accountant.step(noise_multiplier=1.3, sample_rate=1 / math.ceil(30 / 8))  # opacus' Poisson rate
+    assert epsilon == pytest.approx(accountant.get_epsilon(settings.delta), rel=1e-9)
+    assert set(ensemble.trainable) == {n for n, p in model.named_parameters() if p.requires_grad}
+    moved = ensemble.stacked["base_model.model.fc1.lora_B.default.weight"][0]
+    assert moved.abs().max() > 0  # the noisy steps changed B

@@ -159,7 +159,7 @@ OPACUS_NOTICES = ("Secure RNG turned off", "Full backward hook is firing", "Opti
 def train_dpsgd(
     model: nn.Module, examples: Examples, mask: torch.Tensor, seed: int, settings: FinetuneSettings
 ) -> tuple[nn.Module, float]:
-    """DP-SGD with opacus: Poisson-sampled batches (expected size `batch_size`), per-example
+    """DP-SGD with opacus: Poisson-sampled batches (expected size n/⌈n/batch_size⌉), per-example
     clipping to `clip`, Gaussian noise σ·C, `steps` steps; returns the model and its (ε, δ)'s ε."""
     with warnings.catch_warnings():
         for notice in OPACUS_NOTICES:
@@ -173,13 +173,14 @@ def _train_dpsgd(
     original, model = model, copy.deepcopy(model)
     members = torch.nonzero(mask).flatten()
     data_generator = torch.Generator().manual_seed(seed)
-    batch_size = min(settings.batch_size, len(members))
-    loader = DataLoader(TensorDataset(members), batch_size=batch_size, generator=data_generator)
+    loader = DataLoader(TensorDataset(members), batch_size=settings.batch_size, generator=data_generator)
+    batch_size = len(members) / len(loader)  # opacus samples each example with probability 1/len(loader)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     groups = param_groups(params, lora_inputs({n: p.shape for n, p in model.named_parameters()}), settings)
     for group in groups:  # opacus sums the clipped per-example gradients plus noise: / batch size makes a mean
-        group["lr"] /= loader.batch_size
-    optimiser = torch.optim.SGD(groups, momentum=settings.momentum, weight_decay=settings.weight_decay)
+        group["lr"] /= batch_size
+    decay = settings.weight_decay * batch_size  # undoes the lr's division for the decay term
+    optimiser = torch.optim.SGD(groups, momentum=settings.momentum, weight_decay=decay)
     engine = PrivacyEngine(accountant="rdp")
     private, optimiser, loader = engine.make_private(
         module=model,
