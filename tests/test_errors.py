@@ -270,3 +270,16 @@ def test_readme_index_search_examples_parse():
         cfg = compose_train(*overrides)
         assert cfg.model.index_search == "efSearch=64"
         DSiReModule(index_search=cfg.model.index_search)
+
+
+def test_zoo_sweep_without_its_base_model(tmp_path):
+    outputs = [f"zoo.out_dir={tmp_path / 'zoo'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "dsire.zoo", "zoo=sd15", f"zoo.base.path={tmp_path / 'none'}", *outputs],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("DSIRE_")} | {"PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    one_error_line(result, "zoo.base.path: Stable Diffusion 1.5 not found")

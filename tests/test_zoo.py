@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from peft.utils import get_peft_model_state_dict
 from rich.console import Console
 from safetensors.torch import load_file
 
+from dsire.errors import UserError
 from dsire.lora import load_lora
 from dsire.zoo.finetune import ADAPTER, add_lora
 from dsire.zoo.quality import vote
@@ -89,7 +89,7 @@ def test_a_zoo_directory_holds_one_recipe(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        with pytest.raises(ValueError, match="another"):
+        with pytest.raises(UserError, match=r"^zoo\.out_dir: .*another"):
             run_sweep(cfg.zoo, workers=1, console=Console(quiet=True))
         assert torch.get_num_threads() == 3  # the sweep's one thread is its own, not its caller's
     finally:
@@ -103,7 +103,7 @@ def test_sd15_ranges_are_lorawise_ranges():
 
 def test_sd15_recipe_needs_a_local_model():
     cfg = zoo_config("zoo=sd15", "zoo.base.path=/nonexistent/sd15")
-    with pytest.raises(FileNotFoundError, match=re.escape("zoo.base.path")):
+    with pytest.raises(UserError, match=r"^zoo\.base\.path: Stable Diffusion 1\.5 not found"):
         load_base(cfg.zoo)
 
 

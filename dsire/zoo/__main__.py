@@ -5,10 +5,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from dsire.errors import report_user_errors
 from dsire.zoo.sweep import run_sweep
 
 
 @hydra.main(config_path="../../configs", config_name="zoo_sweep", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     run_sweep(cfg.zoo, workers=cfg.workers)
 

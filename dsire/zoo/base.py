@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dsire.atomic import atomic_path
+from dsire.errors import UserError
 from dsire.hashing import tensors_sha256
 
 BOS, EOS = 0, 1  # token ids of the tiny text encoder; a concept's prompt is [BOS, identifier, class, EOS]
@@ -66,9 +67,10 @@ def load_tiny(cfg: DictConfig, path: Path) -> BaseModel:
 def load_sd15(path: str | Path | None) -> BaseModel:
     """Stable Diffusion 1.5 from a local diffusers directory; nothing is downloaded."""
     if not path or not Path(path).is_dir():
-        raise FileNotFoundError(
+        raise UserError(
+            "zoo.base.path",
             f"Stable Diffusion 1.5 not found at {path!r}: download it yourself (diffusers layout, e.g. "
-            "stable-diffusion-v1-5) and set zoo.base.path=/path/to/it (or SD15_PATH)"
+            "stable-diffusion-v1-5) and set zoo.base.path=/path/to/it (or SD15_PATH)",
         )
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
     text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)

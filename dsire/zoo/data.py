@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from dsire.errors import UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -43,7 +45,7 @@ def mixed_concepts(count: int, size: int, seed: int) -> dict[str, tuple[torch.Te
     """
     images, classes = digit_images()
     if count * size > len(images):
-        raise ValueError(f"{count} concepts of {size} images need more than the {len(images)} digits")
+        raise UserError("zoo.data.count", f"{count} concepts of {size} images need more than the {len(images)} digits")
     order = np.random.default_rng(seed).permutation(len(images))
     blocks = [order[k * size : (k + 1) * size] for k in range(count)]
     return {f"m{k}": (images[block], classes[block]) for k, block in enumerate(blocks)}
@@ -58,7 +60,7 @@ def folder_concepts(root: str | Path, resolution: int) -> dict[str, torch.Tensor
     """One concept per sub-folder of `root`, images sorted by file name, as [-1, 1] RGB tensors."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"concept image folder {root} not found: one sub-folder of images per concept")
+        raise UserError("zoo.data.root", f"{root} is not a folder: one sub-folder of images per concept")
     concepts = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

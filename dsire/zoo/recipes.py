@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from dsire.errors import UserError
 from dsire.zoo.base import BaseModel, load_sd15, load_tiny
 from dsire.zoo.data import concept_class, digit_concepts, folder_concepts, mixed_concepts
 from dsire.zoo.pretrain import pretrain_tiny, prompt
@@ -19,7 +20,7 @@ def load_base(cfg: DictConfig) -> BaseModel:
         return load_tiny(cfg.base, pretrain_tiny(cfg.base))
     if cfg.base.kind == "sd15":
         return load_sd15(cfg.base.path)
-    raise ValueError(f"unknown base kind {cfg.base.kind!r} (tiny | sd15)")
+    raise UserError("zoo.base.kind", f"{cfg.base.kind!r} is not one of tiny, sd15")
 
 
 def load_concepts(cfg: DictConfig) -> Concepts:
@@ -45,10 +46,10 @@ def load_concepts(cfg: DictConfig) -> Concepts:
             ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
             concepts[name] = (images, ids.input_ids.expand(len(images), -1))
     else:
-        raise ValueError(f"unknown concept data kind {cfg.data.kind!r} (digits | mixed | folders)")
+        raise UserError("zoo.data.kind", f"{cfg.data.kind!r} is not one of digits, mixed, folders")
     if cfg.data.get("concepts"):
         concepts = {name: concepts[name] for name in cfg.data.concepts}
     too_small = {name: len(images) for name, (images, _) in concepts.items() if len(images) < max(cfg.sizes)}
     if too_small:
-        raise ValueError(f"concepts with fewer images than the largest size {max(cfg.sizes)}: {too_small}")
+        raise UserError("zoo.sizes", f"concepts with fewer images than the largest size {max(cfg.sizes)}: {too_small}")
     return concepts

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import secrets
 
+from dsire.errors import UserError
+
 POLICIES = ("fixed", "per_model")
 
 
@@ -20,4 +22,4 @@ def model_seed(policy: str, zoo_seed: int) -> int:
         return zoo_seed
     if policy == "per_model":
         return secrets.randbits(31)
-    raise ValueError(f"unknown seed policy {policy!r}; one of {POLICIES}")
+    raise UserError("zoo.seeds.policy", f"{policy!r} is not one of {', '.join(POLICIES)}")

@@ -30,6 +30,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from dsire.atomic import atomic_write_csv
+from dsire.errors import UserError
 from dsire.lora.save import save_lora
 from dsire.zoo.finetune import finetune, lora_config
 from dsire.zoo.pretrain import config_hash
@@ -193,9 +194,10 @@ def _run_sweep(cfg: DictConfig, workers: int, console: Console, out_dir: Path) -
     rows = read_manifest(out_dir)
     others = {row["recipe_hash"] for row in rows} - {_STATE["recipe"]}
     if others:
-        raise ValueError(
+        raise UserError(
+            "zoo.out_dir",
             f"{out_dir / MANIFEST} lists checkpoints of recipe(s) {sorted(others)}, not of this one "
-            f"({_STATE['recipe']}): set zoo.out_dir to a new directory for a changed recipe"
+            f"({_STATE['recipe']}): set zoo.out_dir to a new directory for a changed recipe",
         )
     jobs = plan(cfg, list(_STATE["concepts"]))
     todo = [job for job in jobs if not finished(job, rows, cfg, out_dir)]
