@@ -47,6 +47,17 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
     )
 
 
+def bundled_zoo_copy(directory: Path, concepts: tuple[str, ...], sizes: tuple[int, ...]) -> list[str]:
+    """Copy the bundled zoo's LoRAs of `concepts` × `sizes` into `directory`; their manifest lines, header first."""
+    rows = ["path,n,concept"]
+    for concept in concepts:
+        for n in sizes:
+            name = f"{concept}_n{n}_r0_step200.safetensors"
+            (directory / name).write_bytes((ROOT / "data" / "zoo" / name).read_bytes())
+            rows.append(f"{name},{n},{concept}")
+    return rows
+
+
 def run_dsire(*args: str) -> subprocess.CompletedProcess:
     """The `dsire` command line (`python -m dsire ...`)."""
     return subprocess.run([sys.executable, "-m", "dsire", *args], capture_output=True, text=True, timeout=120)

@@ -8,12 +8,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_script
+from conftest import bundled_zoo_copy, run_script
 from rich.console import Console
 
 from dsire import callbacks, predict
-
-ZOO = ROOT / "data" / "zoo"
 
 
 def strict_json(text: str):
@@ -26,12 +24,7 @@ def strict_json(text: str):
 def test_metrics_json_is_valid_when_intervals_are_undefined(tmp_path):
     """3 concepts × N ∈ {1, 6}: each training fold calibrates on 4 held-out LoRAs, too few for 90%, so the
     intervals are infinite. metrics.json says so instead of a coverage of 1 (and holds no Infinity/NaN)."""
-    rows = ["path,n,concept"]
-    for concept in ("m0", "m1", "m2"):
-        for n in (1, 6):
-            name = f"{concept}_n{n}_r0_step200.safetensors"
-            (tmp_path / name).write_bytes((ZOO / name).read_bytes())
-            rows.append(f"{name},{n},{concept}")
+    rows = bundled_zoo_copy(tmp_path, ("m0", "m1", "m2"), (1, 6))
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
     result = run_script(
@@ -114,12 +107,7 @@ def test_a_run_logs_its_results_and_settings_everywhere_without_library_noise(tm
     """`logger=many` (W&B offline, CSV, TensorBoard): every logger gets the data settings, not only `model.*`;
     train.log holds the results; the litlogger advert, torch's LeafSpec warning and W&B's `anonymous`
     warning are not printed."""
-    rows = ["path,n,concept"]
-    for concept in ("m0", "m1", "m2", "m3"):
-        for n in (1, 3, 6):
-            name = f"{concept}_n{n}_r0_step200.safetensors"
-            (tmp_path / name).write_bytes((ZOO / name).read_bytes())
-            rows.append(f"{name},{n},{concept}")
+    rows = bundled_zoo_copy(tmp_path, ("m0", "m1", "m2", "m3"), (1, 3, 6))
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
     result = run_script(

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_finetune, run_script, tiny_unet, write_lorawise
+from conftest import ROOT, bundled_zoo_copy, make_finetune, run_script, tiny_unet, write_lorawise
 from hydra import compose, initialize_config_dir
 from peft import LoraConfig
 
@@ -98,12 +98,7 @@ def test_predict_directory_with_a_bad_file(trained: Path, tmp_path):
 
 def test_copies_in_a_zoo_are_left_out(tmp_path):
     """The same file under a second name and another concept is trained once, and reported."""
-    rows = ["path,n,concept"]
-    for concept in ("m0", "m1", "m2", "m3"):
-        for n in (1, 3, 6):
-            name = f"{concept}_n{n}_r0_step200.safetensors"
-            (tmp_path / name).write_bytes((ZOO / name).read_bytes())
-            rows.append(f"{name},{n},{concept}")
+    rows = bundled_zoo_copy(tmp_path, ("m0", "m1", "m2", "m3"), (1, 3, 6))
     (tmp_path / "reupload.safetensors").write_bytes((ZOO / "m0_n3_r0_step200.safetensors").read_bytes())
     rows.append("reupload.safetensors,3,m9")
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
@@ -128,12 +123,7 @@ def test_copies_in_a_zoo_are_left_out(tmp_path):
 def test_an_unreadable_file_changes_nothing_for_the_others(tmp_path):
     """Splits come from the readable LoRAs' concepts: a listed file that is missing (the only one of its
     concept) leaves the other concepts' folds and results as they were, and the counts say what happened."""
-    rows = ["path,n,concept"]
-    for concept in ("m0", "m1", "m2", "m3"):
-        for n in (1, 3, 6):
-            name = f"{concept}_n{n}_r0_step200.safetensors"
-            (tmp_path / name).write_bytes((ZOO / name).read_bytes())
-            rows.append(f"{name},{n},{concept}")
+    rows = bundled_zoo_copy(tmp_path, ("m0", "m1", "m2", "m3"), (1, 3, 6))
     results = {}
     for label, extra in (("complete", []), ("with_missing", ["gone.safetensors,2,m9"])):
         (tmp_path / "manifest.csv").write_text("\n".join(rows + extra) + "\n")
