@@ -83,14 +83,6 @@ class Ensemble:
         module.load_state_dict(state, strict=True)
         return module
 
-    @staticmethod
-    def concat(parts: Sequence[Ensemble]) -> Ensemble:
-        """One ensemble of the models of `parts` (same architecture and shared weights), in order."""
-        first = parts[0]
-        stacked = {n: torch.cat([p.stacked[n] for p in parts]) for n in first.stacked}
-        initial = {n: torch.cat([p.initial[n] for p in parts]) for n in first.initial}
-        return Ensemble(first.template, stacked, first.shared, first.trainable, initial)
-
 
 def batch_indices(mask: torch.Tensor, seed: int, steps: int, batch_size: int) -> torch.Tensor:
     """[steps, batch_size] indices of the examples in `mask`: seeded shuffles, epoch after epoch."""
