@@ -116,6 +116,12 @@ def train(
     return ensemble, [None] * len(models)
 
 
+def train_on_all(model: nn.Module, examples: Examples, settings: FinetuneSettings, seed: int) -> nn.Module:
+    """One model (prepared by `adapt`) trained on every example: the pretrained backbone, reference runs."""
+    everything = torch.ones(1, len(examples), dtype=torch.bool)
+    return train([model], examples, everything, [seed], settings)[0].model(0)
+
+
 def train_ensemble(
     ensemble: Ensemble, examples: Examples, masks: torch.Tensor, seeds: Sequence[int], settings: FinetuneSettings
 ) -> None:

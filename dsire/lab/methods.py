@@ -107,6 +107,11 @@ def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def weight_change(model: nn.Module, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Effective weights minus `base` (the backbone's state), for every backbone tensor."""
+    return {n: w - base[n] for n, w in effective_weights(model).items()}
+
+
 def lora_a_moments(init: str, rank: int, d_in: int) -> tuple[float, float]:
     """Variance v and kurtosis κ of one entry of peft's lora_A [rank, d_in]. "kaiming":
     `kaiming_uniform_(a=√5)` has gain √(2/(1+5)) and bound √3 · gain/√d_in = 1/√d_in, so

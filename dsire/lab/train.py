@@ -19,7 +19,7 @@ from dsire.errors import UserError
 from dsire.hashing import json_hash
 from dsire.lab.backbones import BackboneSettings, build_backbone
 from dsire.lab.data import Task
-from dsire.lab.ensemble import Ensemble, train
+from dsire.lab.ensemble import Ensemble, train, train_on_all
 from dsire.lab.methods import FinetuneSettings, adapt
 from dsire.lab.records import TrainingRecord, load_record, save_record
 from dsire.lora.files import read_safetensors
@@ -39,9 +39,7 @@ def pretrained_backbone(
         return model.to(device).requires_grad_(False)
     except (LoRAError, RuntimeError):
         model = model.to(device)  # not cached yet, or damaged: train it
-    everything = torch.ones(1, len(task.public), dtype=torch.bool)
-    ensemble, _ = train([adapt(model, pretrain, seed=0)], task.public, everything, [0], pretrain)
-    model = ensemble.model(0)
+    model = train_on_all(adapt(model, pretrain, seed=0), task.public, pretrain, seed=0)
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
     return model.requires_grad_(False)

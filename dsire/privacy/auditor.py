@@ -11,6 +11,7 @@ reference non-members", so among non-member candidates p < 0.05 happens at most 
 
 from __future__ import annotations
 
+import copy
 import csv
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,8 @@ from dsire.lab.backbones import backbone_from_state
 from dsire.lab.data import Examples, digit_examples, image_folder_examples
 from dsire.lora import LoRAError, load_lora
 from dsire.lora.files import read_safetensors
-from dsire.privacy.attacks import gradient_alignment, loss_attack
-from dsire.privacy.membership import example_gradients
+from dsire.privacy.attacks import loss_attack
+from dsire.privacy.membership import alignment_scores
 
 ATTACKS = ("loss", "white_box")
 MIN_REFERENCE = 19  # the smallest p-value is 1/(n + 1): 19 reference examples are needed to reach 0.05
@@ -71,10 +72,7 @@ def score(attack: str, examples: Examples, backbone: nn.Module, fine_tuned: nn.M
         if not torch.isfinite(logits).all():
             raise UserError("fine-tune", "the fine-tuned model gives NaN or infinite outputs on these examples")
         return loss_attack(F.cross_entropy(logits, examples.labels, reduction="none").double().numpy())
-    names = sorted(deltas)
-    grads = example_gradients(backbone, examples, names)
-    flat = torch.cat([grads[n].flatten(1) for n in names], dim=1)
-    return gradient_alignment(flat, torch.cat([deltas[n].flatten() for n in names])).double().numpy()
+    return alignment_scores(backbone, examples, [deltas], sorted(deltas))[0]
 
 
 def load_backbone(path: Path) -> nn.Module:
@@ -128,7 +126,7 @@ def _checked(path: Path, name: str, tensor: torch.Tensor, like: torch.Tensor) ->
 
 
 def _apply(backbone: nn.Module, deltas: dict[str, torch.Tensor]) -> nn.Module:
-    model = backbone_from_state(dict(backbone.state_dict()), "backbone")
+    model = copy.deepcopy(backbone)
     model.load_state_dict({n: w + deltas.get(n, 0) for n, w in backbone.state_dict().items()})
     return model.eval()
 

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from dsire.distributed import rank_and_world
 from dsire.hashing import json_hash
 from dsire.lab.build import Lab
 from dsire.lab.data import Examples
-from dsire.lab.methods import FinetuneSettings, adapt, effective_weights
+from dsire.lab.gradients import example_gradients
+from dsire.lab.methods import FinetuneSettings, adapt, weight_change
 from dsire.lab.records import TrainingRecord
 from dsire.lab.subsets import half_masks
 from dsire.lab.train import train_group
@@ -129,26 +129,6 @@ def matched_noise_multiplier(lab: Lab, dpsgd: FinetuneSettings, rank: int) -> fl
     return float(batch * mean_clipped / dpsgd.clip * torch.sqrt(noise / signal / flat.shape[1]))
 
 
-def example_gradients(
-    model: nn.Module, examples: Examples, names: list[str], chunk: int = 256
-) -> dict[str, torch.Tensor]:
-    """Each example's loss gradient with respect to the parameters `names`: {name: [examples, ...]}."""
-    params = dict(model.named_parameters())
-    fixed = {n: p.detach() for n, p in params.items() if n not in names}
-
-    def loss(chosen: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, {**fixed, **chosen}, (x[None],)), y[None])
-
-    chosen = {n: params[n].detach() for n in names}
-    device = next(iter(chosen.values())).device
-    parts = []
-    for start in range(0, len(examples), chunk):
-        idx = torch.arange(start, min(start + chunk, len(examples)))
-        x, y = examples.take(idx).to(device), examples.labels[idx].to(device)
-        parts.append(vmap(grad(loss), in_dims=(None, 0, 0))(chosen, x, y))
-    return {n: torch.cat([p[n] for p in parts]) for n in names}
-
-
 def attack(
     lab: Lab, finetune: FinetuneSettings, shadows: list[TrainingRecord], targets: list[TrainingRecord], resamples: int
 ) -> ConfigurationResult:
@@ -187,7 +167,15 @@ def white_box_scores(lab: Lab, finetune: FinetuneSettings, targets: list[Trainin
     base = dict(lab.backbone.state_dict())
     deltas = [_weight_change(lab, finetune, record, base) for record in targets]
     names = sorted({n for delta in deltas for n, d in delta.items() if d.any()})
-    grads = example_gradients(lab.backbone, lab.task.private, names)
+    return alignment_scores(lab.backbone, lab.task.private, deltas, names)
+
+
+def alignment_scores(
+    backbone: nn.Module, examples: Examples, deltas: list[dict[str, torch.Tensor]], names: list[str]
+) -> np.ndarray:
+    """[len(deltas), examples]: cos(−g_e, ΔW) over the parameters `names`, g_e the example's loss
+    gradient at `backbone` (computed once for all weight changes)."""
+    grads = example_gradients(backbone, examples, names)
     flat = torch.cat([grads[n].flatten(1) for n in names], dim=1)
     return np.stack(
         [gradient_alignment(flat, torch.cat([d[n].flatten() for n in names])).double().cpu().numpy() for d in deltas]
@@ -199,4 +187,4 @@ def _weight_change(
 ) -> dict[str, torch.Tensor]:
     model = adapt(lab.backbone, finetune, record.seed)
     model.load_state_dict(record.state, strict=False)
-    return {n: w - base[n] for n, w in effective_weights(model).items()}
+    return weight_change(model, base)

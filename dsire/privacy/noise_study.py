@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from dsire.lab.build import Lab
-from dsire.lab.ensemble import train
-from dsire.lab.methods import FinetuneSettings, adapt, effective_weights
-from dsire.privacy.membership import example_gradients
+from dsire.lab.ensemble import train_on_all
+from dsire.lab.gradients import example_gradients
+from dsire.lab.methods import FinetuneSettings, adapt, weight_change
 from dsire.privacy.noise import INITS, entry_moments, lora_fa_vs_full, measure_noise
 from dsire.settings import require
 
@@ -70,8 +70,10 @@ def whole_run(lab: Lab, settings: NoiseSettings) -> dict[str, dict]:
     common = {**dataclasses.asdict(lab.finetune), "steps": steps, "target_modules": settings.layers}
     lora = FinetuneSettings(**{**common, "method": "lora_fa", "rank": settings.whole_run_rank, "init": "gaussian"})
     base = dict(lab.backbone.state_dict())
-    full_delta = _delta(_fine_tuned(lab, steps, settings.seed), base)
-    lora_delta = _delta(_trained(lab, lora, settings.seed), base)
+    full_delta = weight_change(_fine_tuned(lab, steps, settings.seed), base)
+    lora_delta = weight_change(
+        train_on_all(adapt(lab.backbone, lora, settings.seed), lab.task.private, lora, settings.seed), base
+    )
     _, kurtosis = entry_moments("gaussian", settings.whole_run_rank, 1)
     return {
         layer: lora_fa_vs_full(lora_delta[f"{layer}.weight"], full_delta[f"{layer}.weight"], lora.rank, kurtosis)
@@ -84,17 +86,7 @@ def _fine_tuned(lab: Lab, steps: int, seed: int) -> nn.Module:
     if steps == 0:
         return lab.backbone
     full = FinetuneSettings(**{**dataclasses.asdict(lab.finetune), "method": "full", "steps": steps})
-    return _trained(lab, full, seed)
-
-
-def _trained(lab: Lab, settings: FinetuneSettings, seed: int) -> nn.Module:
-    everything = torch.ones(1, len(lab.task.private), dtype=torch.bool)
-    ensemble, _ = train([adapt(lab.backbone, settings, seed)], lab.task.private, everything, [seed], settings)
-    return ensemble.model(0)
-
-
-def _delta(model: nn.Module, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {n: w - base[n] for n, w in effective_weights(model).items()}
+    return train_on_all(adapt(lab.backbone, full, seed), lab.task.private, full, seed)
 
 
 def _check_layers(backbone: nn.Module, layers: tuple[str, ...]) -> None:
