@@ -59,7 +59,9 @@ def train_group(
     models at a time, and return every model's record. Models with a valid record in `directory`
     are not trained again; under DDP each rank trains models rank, rank + world, …"""
     rank, world = rank_and_world()
-    todo = [m for m in range(len(models)) if load_record(_path(directory, m)) is None][rank::world]
+    records = [load_record(_path(directory, m)) for m in range(len(models))]
+    missing = [m for m, record in enumerate(records) if record is None]
+    todo = missing[rank::world]
     task_id = progress.add_task(settings.label, total=len(todo)) if progress else None
     for start in range(0, len(todo), ensemble_size):
         chunk = todo[start : start + ensemble_size]
@@ -70,7 +72,8 @@ def train_group(
             progress.advance(task_id, len(chunk))
     if world > 1:
         torch.distributed.barrier()
-    records = [load_record(_path(directory, m)) for m in range(len(models))]
+    for m in missing:  # read once: the models trained here or by the other ranks
+        records[m] = load_record(_path(directory, m))
     if any(r is None for r in records):
         raise RuntimeError(f"{directory}: records missing after training")
     return records  # type: ignore[return-value]
