@@ -132,7 +132,8 @@ def train_ensemble(
             for mask, seed in zip(masks, seeds, strict=True)
         ]
     )
-    params = {n: ensemble.stacked[n].clone().requires_grad_(True) for n in ensemble.trainable}
+    transposed = {n for n in ensemble.trainable if ensemble.stacked[n].dim() == 3}  # [M, out, in] matrices
+    params = {n: _contiguous(ensemble.stacked[n], n in transposed).requires_grad_(True) for n in ensemble.trainable}
     frozen = {n: t for n, t in ensemble.stacked.items() if n not in params}
     inputs = lora_inputs({n: t.shape for n, t in {**ensemble.shared, **ensemble.stacked}.items()})
     optimiser = torch.optim.SGD(
@@ -140,13 +141,23 @@ def train_ensemble(
     )
     for step in range(settings.steps):
         idx = indices[:, step]
-        logits = ensemble.per_model_logits(examples.take(idx).to(ensemble.device), {**frozen, **params})
+        weights = {n: p.mT if n in transposed else p for n, p in params.items()}
+        logits = ensemble.per_model_logits(examples.take(idx).to(ensemble.device), {**frozen, **weights})
         labels = examples.labels[idx].flatten().to(ensemble.device)
         losses = F.cross_entropy(logits.flatten(0, 1), labels, reduction="none")
         optimiser.zero_grad(set_to_none=True)
         losses.view(idx.shape).mean(dim=1).sum().backward()
         optimiser.step()
-    ensemble.stacked.update({n: p.detach() for n, p in params.items()})
+    ensemble.stacked.update({n: _contiguous(p.detach(), n in transposed) for n, p in params.items()})
+
+
+def _contiguous(tensor: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """A contiguous copy of `tensor`, of its last two dimensions swapped if `transpose`.
+
+    Stacked matrices train as [M, in, out]: vmap's batched matmul writes their gradients in that
+    layout, so autograd accumulates them as they come instead of copying each into [M, out, in].
+    """
+    return (tensor.mT if transpose else tensor).clone(memory_format=torch.contiguous_format)
 
 
 # opacus' own notices, not problems of this use: its RNG is seeded on purpose (reproducible runs, not

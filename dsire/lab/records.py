@@ -19,7 +19,7 @@ from dsire.atomic import atomic_path
 from dsire.lora.files import read_safetensors
 from dsire.lora.model import LoRAError
 
-RECORD_VERSION = 2  # bumped when training changes what a record holds (2: DP-SGD lr by opacus' batch size)
+RECORD_VERSION = 3  # bumped when training changes what a record holds (3: ensemble matrices train transposed)
 
 
 @dataclass
