@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import run_dsire, write_kohya, write_lorawise
 
 from dsire.lora import load_lora
+from tests.conftest import run_dsire, write_kohya, write_lorawise
 
 
 def test_inspect_json(unet_finetune, tmp_path):

@@ -12,7 +12,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import ROOT, run_dsire, run_script
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -23,6 +22,7 @@ from dsire.lora import LoRAError
 from dsire.models.checkpoint import save_checkpoint
 from dsire.models.features import Features, gather_features
 from dsire.models.module import DSiReModule
+from tests.conftest import ROOT, run_dsire, run_script
 
 ZOO = ROOT / "data" / "zoo"
 KFOLD = {"protocol": "kfold", "folds": 2, "n_train": 1, "repeats": 1, "seed": 0}
@@ -219,6 +219,17 @@ def test_lorawise_without_network(tmp_path):
     )  # fmt: skip
     line = one_error_line(result, "data.source.path: cannot get the Hugging Face dataset MoSalama98/LoRA-WiSE")
     assert "give a local copy of its parquet files" in line
+
+
+def test_lorawise_with_the_hub_unreachable(tmp_path):
+    """No offline setting, and the Hub's host refuses: one line at once, not huggingface_hub's retries."""
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # the discard port: nothing listens there
+    result = run_script(
+        "train.py", "+experiment=lorawise_low_32", "logger=csv", f"hydra.run.dir={tmp_path}",
+        f"paths.cache_dir={tmp_path / 'cache'}", env=env,
+    )  # fmt: skip
+    line = one_error_line(result, "data.source.path: cannot get the Hugging Face dataset MoSalama98/LoRA-WiSE")
+    assert "127.0.0.1:9 does not answer" in line and "HF_HUB_OFFLINE=1" in line
 
 
 def test_bad_labels_csv_in_a_run(tmp_path):

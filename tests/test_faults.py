@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
 from safetensors.torch import load_file
+
+from tests.conftest import ROOT, run_script
 
 pytestmark = pytest.mark.fault
 OVERRIDES = ("data.sizes=[2,3]", "~logger", "~callbacks")  # 60 LoRAs, neighbouring sizes: an imperfect vote

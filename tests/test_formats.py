@@ -9,15 +9,6 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import (
-    FineTune,
-    write_attn_procs,
-    write_diffusers,
-    write_diffusers_old,
-    write_kohya,
-    write_lorawise,
-    write_peft,
-)
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
 from safetensors.torch import load_file, save_file
@@ -28,6 +19,15 @@ from dsire.lora import LoRA, LoRAError, load_lora, read_lorawise, subset_rank
 from dsire.lora.names import kohya_to_canonical
 from dsire.lora.save import save_lora
 from dsire.spectra import lora_spectra
+from tests.conftest import (
+    FineTune,
+    write_attn_procs,
+    write_diffusers,
+    write_diffusers_old,
+    write_kohya,
+    write_lorawise,
+    write_peft,
+)
 
 
 def assert_matches(lora: LoRA, expected: dict[str, torch.Tensor]) -> None:

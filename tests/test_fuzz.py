@@ -12,12 +12,12 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import run_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from dsire.lora import LoRAError, load_lora
+from tests.conftest import run_script
 
 pytestmark = pytest.mark.hostile
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

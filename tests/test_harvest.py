@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FineTune, make_finetune, run_dsire, run_script, tiny_unet
 from peft import LoraConfig
 
 from dsire.data.sources import ZooEntry, from_labels_dir
 from dsire.harvest import LABEL_COLUMNS, claimed_columns, harvest, write_labels
 from dsire.lora.save import save_lora
 from dsire.predict import render
+from tests.conftest import FineTune, make_finetune, run_dsire, run_script, tiny_unet
 
 
 def kohya_metadata(output_name: str, dirs: dict[str, tuple[int, int]], **overrides: str) -> dict[str, str]:

@@ -6,7 +6,6 @@ import csv
 import hashlib
 
 import torch
-from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
@@ -14,6 +13,7 @@ from dsire.data.cache import SpectraCache
 from dsire.hashing import file_sha256, json_hash, tensors_sha256
 from dsire.zoo.base import fingerprint
 from dsire.zoo.sweep import recipe_hash
+from tests.conftest import ROOT
 
 
 def test_bundled_zoo_digests_are_reproduced(tmp_path):

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script, tiny_unet
 from safetensors.torch import load_file, save_file
 from test_safety import CANARY, Exploit, good_state
 
@@ -34,6 +33,7 @@ from dsire.lora.load import WEIGHT_SUFFIXES
 from dsire.models.checkpoint import save_checkpoint
 from dsire.models.module import DSiReModule
 from dsire.spectra import lora_spectra
+from tests.conftest import ROOT, run_script, tiny_unet
 
 ZOO = ROOT / "data" / "zoo"
 pytestmark = pytest.mark.hostile

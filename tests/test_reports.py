@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import bundled_zoo_copy, run_script
 from rich.console import Console
 
 from dsire import callbacks, predict
+from tests.conftest import bundled_zoo_copy, run_script
 
 
 def strict_json(text: str):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_unet, write_lorawise, write_peft
 from safetensors.torch import save_file
 
 from dsire.lora import Limits, LoRAError, load_lora
+from tests.conftest import tiny_unet, write_lorawise, write_peft
 
 CANARY = Path("/tmp/dsire-canary-must-not-exist")
 

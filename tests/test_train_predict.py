@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, bundled_zoo_copy, make_finetune, run_script, tiny_unet, write_lorawise
 from hydra import compose, initialize_config_dir
 from peft import LoraConfig
 
 from dsire.lora import load_lora
 from dsire.lora.save import save_lora
+from tests.conftest import ROOT, bundled_zoo_copy, make_finetune, run_script, tiny_unet, write_lorawise
 
 ZOO = ROOT / "data" / "zoo"
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -187,6 +189,7 @@ def lorawise_files(dataset: str | Path, subset: str | None, cache_dir: str | Pat
         builder = load_dataset_builder("parquet", data_files=files, cache_dir=str(cache_dir))
         return [Path(f) for f in builder.config.data_files["train"]]
     try:  # network errors, an unknown dataset or subset, offline mode: all OSErrors in datasets/huggingface_hub
+        _check_hub_reachable()
         builder = load_dataset_builder(str(dataset), subset, cache_dir=str(cache_dir))
         manager = DownloadManager(download_config=DownloadConfig(cache_dir=str(cache_dir)))
         return [Path(f) for f in manager.download(list(builder.config.data_files["train"]))]
@@ -195,8 +198,23 @@ def lorawise_files(dataset: str | Path, subset: str | None, cache_dir: str | Pat
         raise UserError(
             "data.source.path",
             f"cannot get the Hugging Face dataset {dataset} ({reason}); with no network, give a local copy of its "
-            "parquet files (data.source.path=DIR)",
+            "parquet files (data.source.path=DIR), or set HF_HUB_OFFLINE=1 to use a copy cached in paths.cache_dir",
         ) from exc
+
+
+def _check_hub_reachable(timeout: float = 5.0) -> None:
+    """Raise OSError at once when the Hub's host does not answer: huggingface_hub would retry for
+    half a minute before giving up. Offline mode (HF_HUB_OFFLINE=1) skips the check: it reads the cache."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise OSError(f"{endpoint.hostname}:{port} does not answer: {exc.strerror or exc}") from exc
 
 
 def from_lorawise(
