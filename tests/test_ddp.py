@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from test_train_predict import ZOO
 
 from dsire import distributed
 from dsire.distributed import ShardSampler
 from tests.conftest import run_script
+from tests.test_train_predict import ZOO
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

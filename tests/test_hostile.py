@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_safety import CANARY, Exploit, good_state
 
 from dsire.data.cache import SpectraCache
 from dsire.data.datamodule import ZooDataset
@@ -34,6 +33,7 @@ from dsire.models.checkpoint import save_checkpoint
 from dsire.models.module import DSiReModule
 from dsire.spectra import lora_spectra
 from tests.conftest import ROOT, run_script, tiny_unet
+from tests.test_safety import CANARY, Exploit, good_state
 
 ZOO = ROOT / "data" / "zoo"
 pytestmark = pytest.mark.hostile
