@@ -1,6 +1,6 @@
 """Featurisation throughput on SD 1.5-shaped LoRA files, side by side with raw reads and the paper's way.
 
-    python -m benchmarks.featurise [--loras 96] [--paper-loras 12] [--dir .cache/bench/sd15]
+    python -m benchmarks.featurise [--loras 96] [--paper-loras 12] [--dir .cache/bench/sd15] [--gpu]
 
 On the same kohya files (rank 32, float16, `benchmarks.synthetic`), one run measures:
 - read: `safetensors` load of every tensor plus a sum (bytes off the disk, no math): the ceiling;
@@ -8,12 +8,14 @@ On the same kohya files (rank 32, float16, `benchmarks.synthetic`), one run meas
   reader with its checks and canonical names, batched Gram-matrix spectra in `DSiReModule.predict_step`;
 - paper: `load_lora`, then `torch.svd_lowrank` of A, B and the dense ΔW of each layer (the paper's code).
 Each is timed cold (the files evicted from the page cache first, with `posix_fadvise`) and, for
-read and dsire, warm (straight after). Figures go to benchmarks/README.md.
+read and dsire, warm (straight after). With `--gpu`, dsire also runs with `trainer.accelerator=gpu`
+beside the CPU pass. Figures go to benchmarks/README.md (section `featurise`, or `featurise_gpu`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import time
@@ -28,6 +30,7 @@ from benchmarks.report import command_line, write_section
 from benchmarks.spectra import reference_spectra
 from benchmarks.synthetic import write_zoo
 from dsire.data.datamodule import LoRAZooDataModule
+from dsire.errors import UserError, report_user_errors
 from dsire.lora import load_lora
 from dsire.models.module import DSiReModule
 
@@ -48,12 +51,14 @@ def read_and_sum(files: list[Path], directory: Path) -> None:
         sum(float(t.float().sum()) for t in load_file(str(path)).values())
 
 
-def dsire_featurise(files: list[Path], directory: Path) -> None:
+def dsire_featurise(files: list[Path], directory: Path, accelerator: str = "cpu") -> None:
     split = {"protocol": "kfold", "folds": 2, "n_train": 1, "repeats": 1, "seed": 0}
     datamodule = LoRAZooDataModule({"kind": "manifest", "path": str(directory)}, split)
     datamodule.setup()
     datamodule.entries = datamodule.entries[: len(files)]
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     features = trainer.predict(DSiReModule(), datamodule.predict_dataloader())
     assert sum(len(f.keys) for f in features) == len(files)
 
@@ -71,33 +76,42 @@ def timed(fn: Callable, files: list[Path], directory: Path, cold: bool) -> float
     return time.perf_counter() - start
 
 
+@report_user_errors
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loras", type=int, default=96)
     parser.add_argument("--paper-loras", type=int, default=12)
     parser.add_argument("--dir", type=Path, default=Path(".cache/bench/sd15"))
+    parser.add_argument("--gpu", action="store_true", help="also featurise on CUDA (trainer.accelerator=gpu)")
     args = parser.parse_args()
+    if args.gpu and not torch.cuda.is_available():
+        raise UserError("--gpu", "this machine has no CUDA device (torch.cuda.is_available() is False)")
     files = write_zoo(args.dir, args.loras)
     megabytes = sum(p.stat().st_size for p in files) / 1e6
     subset = files[: args.paper_loras]
     subset_mb = sum(p.stat().st_size for p in subset) / 1e6
-    dsire_featurise(files[:2], args.dir)  # imports and first-call costs out of the way
+    passes = {"dsire featurisation": dsire_featurise}
+    if args.gpu:
+        passes["dsire featurisation on CUDA"] = functools.partial(dsire_featurise, accelerator="gpu")
+    for featurise in passes.values():
+        featurise(files[:2], args.dir)  # imports and first-call costs out of the way
 
     runs = [  # name, files, megabytes, seconds
         ("read + sum", files, megabytes, timed(read_and_sum, files, args.dir, cold=True)),
-        ("dsire featurisation", files, megabytes, timed(dsire_featurise, files, args.dir, cold=True)),
+        *((name, files, megabytes, timed(fn, files, args.dir, cold=True)) for name, fn in passes.items()),
         ("paper: svd_lowrank of A, B, dense ΔW", subset, subset_mb, timed(paper, subset, args.dir, cold=True)),
         ("read + sum (warm)", files, megabytes, timed(read_and_sum, files, args.dir, cold=False)),
-        ("dsire featurisation (warm)", files, megabytes, timed(dsire_featurise, files, args.dir, cold=False)),
+        *((f"{name} (warm)", files, megabytes, timed(fn, files, args.dir, cold=False)) for name, fn in passes.items()),
     ]
     rate = {name: (len(f) / s, mb / s) for name, f, mb, s in runs}
-    read, ours, theirs = (rate[name] for name, *_ in runs[:3])
+    read, ours, theirs = rate["read + sum"], rate["dsire featurisation"], rate[runs[len(passes) + 1][0]]
+    device = f"GPU {torch.cuda.get_device_name()}" if args.gpu else "no GPU"
     command = command_line()
     lines = [
-        "## Featurisation throughput: dsire vs raw reads vs the paper",
+        "## Featurisation throughput: dsire vs raw reads vs the paper" + (" (CPU and CUDA)" if args.gpu else ""),
         "",
         f"`{command}` on {platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads,"
-        f" torch {torch.__version__}, no GPU. {len(files)} synthetic SD 1.5 LoRAs (128 attention layers,"
+        f" torch {torch.__version__}, {device}. {len(files)} synthetic SD 1.5 LoRAs (128 attention layers,"
         f" rank 32, kohya float16, {megabytes / len(files):.1f} MB each); the paper's way on the first {len(subset)}."
         " Cold: files evicted from the page cache before the pass.",
         "",
@@ -109,9 +123,12 @@ def main() -> None:
         f"**{rate['dsire featurisation (warm)'][1] / rate['read + sum (warm)'][1]:.0%}** warm (goal ≥ 50%). "
         f"dsire / paper: **{ours[0] / theirs[0]:.1f}×** (goal ≥ 10×).",
     ]
+    if args.gpu:
+        cuda = rate["dsire featurisation on CUDA (warm)"][0] / rate["dsire featurisation (warm)"][0]
+        lines.append(f"CUDA / CPU, warm: **{cuda:.1f}×**.")
     table = "\n".join(lines)
     print(table)
-    write_section("featurise", table)
+    write_section("featurise_gpu" if args.gpu else "featurise", table)
 
 
 if __name__ == "__main__":
