@@ -9,10 +9,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from dsire.zoo.base import BaseModel
-from dsire.zoo.harness import NoisePrediction, quiet_trainer
+from dsire.zoo.harness import NoisePrediction, fit
 
 ADAPTER = "zoo"
 Snapshot = Callable[[int, dict[str, torch.Tensor]], None]
@@ -46,16 +45,8 @@ def finetune(
     base.unet.requires_grad_(False)
     add_lora(base.unet, cfg.lora, seed)
     try:
-        dataset = TensorDataset(images, token_ids)
-        sampler = RandomSampler(
-            dataset,
-            replacement=True,
-            num_samples=cfg.train.steps * cfg.train.batch_size,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler)
         module = NoisePrediction(base, lr=cfg.train.lr, seed=seed)
-        snapshots = OmegaConf.to_container(cfg.train.snapshot_steps)
-        quiet_trainer(cfg.train.steps, callbacks=[SnapshotCallback(snapshots, save)]).fit(module, loader)
+        snapshots = SnapshotCallback(OmegaConf.to_container(cfg.train.snapshot_steps), save)
+        fit(module, images, token_ids, cfg.train.steps, cfg.train.batch_size, seed, callbacks=[snapshots])
     finally:
         base.unet.delete_adapters(ADAPTER)

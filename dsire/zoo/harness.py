@@ -10,6 +10,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from dsire.zoo.base import BaseModel
 
@@ -60,7 +61,26 @@ class NoisePrediction(pl.LightningModule):
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
 
 
-def quiet_trainer(max_steps: int, callbacks: list | None = None, progress: bool = False) -> pl.Trainer:
+def fit(
+    module: NoisePrediction,
+    images: torch.Tensor,
+    token_ids: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    callbacks: list | None = None,
+    progress: bool = False,
+) -> None:
+    """Train `module` for `steps` batches of (image i, prompt `token_ids[i]`) drawn with replacement from
+    `seed`: the one training loop of the zoo, for the base's pretraining and for every fine-tune."""
+    dataset = TensorDataset(images, token_ids)
+    generator = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(dataset, replacement=True, num_samples=steps * batch_size, generator=generator)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    _quiet_trainer(steps, callbacks, progress).fit(module, loader)
+
+
+def _quiet_trainer(max_steps: int, callbacks: list | None = None, progress: bool = False) -> pl.Trainer:
     """A trainer without checkpoints, loggers or summaries (it runs inside sweep workers), on the GPU if any."""
     return pl.Trainer(
         max_steps=max_steps,

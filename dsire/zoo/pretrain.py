@@ -12,12 +12,11 @@ import torch
 from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from dsire.hashing import json_hash
 from dsire.zoo.base import BOS, EOS, BaseModel, save_tiny, tiny_modules
 from dsire.zoo.data import digit_images
-from dsire.zoo.harness import NoisePrediction, quiet_trainer
+from dsire.zoo.harness import NoisePrediction, fit
 
 NULL, IDENTIFIER, FIRST_CLASS = 2, 3, 10  # prompt tokens: pretraining [BOS, NULL, class, EOS]
 
@@ -48,16 +47,8 @@ def pretrain_tiny(cfg: DictConfig) -> Path:
     unet, text = tiny_modules(cfg)
     images, classes = digit_images()
     token_ids = torch.cat([prompt(int(c), identifier=False) for c in classes])
-    dataset = TensorDataset(images, token_ids)
-    sampler = RandomSampler(
-        dataset,
-        replacement=True,
-        num_samples=cfg.pretrain.steps * cfg.pretrain.batch_size,
-        generator=torch.Generator().manual_seed(cfg.pretrain.seed),
-    )
-    loader = DataLoader(dataset, batch_size=cfg.pretrain.batch_size, sampler=sampler)
     base = BaseModel(unet, text, DDPMScheduler(**cfg.scheduler), fingerprint="")
     module = NoisePrediction(base, lr=cfg.pretrain.lr, seed=cfg.pretrain.seed, train_text_encoder=True)
-    quiet_trainer(cfg.pretrain.steps, progress=True).fit(module, loader)
+    fit(module, images, token_ids, cfg.pretrain.steps, cfg.pretrain.batch_size, cfg.pretrain.seed, progress=True)
     save_tiny(unet, text, path, recipe)
     return path
