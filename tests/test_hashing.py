@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from dsire.data.cache import SpectraCache
 from dsire.hashing import file_sha256, json_hash, tensors_sha256
 from dsire.zoo.base import fingerprint
-from dsire.zoo.sweep import recipe_hash
+from dsire.zoo.plan import recipe_hash
 from tests.conftest import ROOT
 
 

@@ -20,10 +20,12 @@ from safetensors.torch import load_file
 from dsire.errors import UserError
 from dsire.lora import load_lora
 from dsire.zoo.finetune import ADAPTER, add_lora
+from dsire.zoo.manifest import COLUMNS, read_manifest, write_manifest
+from dsire.zoo.plan import plan
 from dsire.zoo.quality import vote
 from dsire.zoo.recipes import load_base
 from dsire.zoo.seeds import model_seed
-from dsire.zoo.sweep import COLUMNS, plan, read_manifest, run_sweep, write_manifest
+from dsire.zoo.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "data" / "zoo"

@@ -25,7 +25,7 @@ from dsire.data.splits import kfold
 from dsire.lora import load_lora
 from dsire.models.knn import KNNVote
 from dsire.spectra import batch_spectra
-from dsire.zoo.sweep import read_manifest
+from dsire.zoo.manifest import read_manifest
 
 PARTS = ("delta",)
 SIZE_SETS = {"N = 1..6": None, "N ∈ {1,3,6}": (1, 3, 6), "N ∈ {1,6}": (1, 6)}
