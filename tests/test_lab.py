@@ -130,6 +130,22 @@ def test_unknown_target_module_is_a_user_error(backbone: nn.Module) -> None:
         adapt(backbone, FinetuneSettings(target_modules=("qkv",)), seed=0)
 
 
+def test_target_modules_inside_blocks_are_found_by_their_last_name() -> None:
+    """As in a ViT (`blocks.0.attn.qkv`): `qkv` names every such layer, as it does for peft itself."""
+    block = nn.Module()
+    block.qkv, block.proj = nn.Linear(4, 12), nn.Linear(4, 4)
+    backbone = nn.Module()
+    backbone.blocks, backbone.head = nn.ModuleList([block]), nn.Linear(4, 2)
+    model = adapt(backbone, FinetuneSettings(target_modules=("qkv",), rank=2), seed=0)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == [
+        "base_model.model.blocks.0.qkv.lora_A.default.weight",
+        "base_model.model.blocks.0.qkv.lora_B.default.weight",
+    ]
+    with pytest.raises(UserError, match=r"\['attn'\] are not layers of the backbone; it has \['head', 'proj', 'qkv'\]"):
+        adapt(backbone, FinetuneSettings(target_modules=("attn",)), seed=0)
+
+
 def test_image_folder_task_reads_local_images(tmp_path) -> None:
     from PIL import Image
 

@@ -75,10 +75,11 @@ def adapt(backbone: nn.Module, settings: FinetuneSettings, seed: int) -> nn.Modu
     model = copy.deepcopy(backbone)
     kind = settings.parameterisation
     if kind in ("lora", "lora_fa"):
-        missing = [m for m in settings.target_modules if not isinstance(getattr(model, m, None), nn.Linear | nn.Conv2d)]
-        if missing:
-            layers = [n for n, m in model.named_children() if isinstance(m, nn.Linear | nn.Conv2d)]
-            raise UserError("finetune.target_modules", f"{missing} are not layers of the backbone; it has {layers}")
+        layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+        missing = [t for t in settings.target_modules if not any(n == t or n.endswith(f".{t}") for n in layers)]
+        if missing:  # peft's matching: a layer's full name, or its last parts (`qkv` for `blocks.0.attn.qkv`)
+            names = sorted({n.rsplit(".", 1)[-1] for n in layers})
+            raise UserError("finetune.target_modules", f"{missing} are not layers of the backbone; it has {names}")
         config = LoraConfig(
             r=settings.rank,
             lora_alpha=settings.alpha if settings.alpha is not None else settings.rank,
