@@ -32,6 +32,7 @@ class ModelConfig:
     false_alarm: float = 0.05
     calibration_folds: int = 5
     calibration_points: int = 2000
+    select: dict | None = None  # model selection (`dsire.models.select.SelectConfig`); None: the fixed configuration
 
     def __post_init__(self) -> None:
         distinct = bool(self.parts) and len(set(self.parts)) == len(self.parts)
