@@ -113,7 +113,7 @@ def train(cfg: DictConfig) -> dict:
         say(Text.assemble(("skipped", "red"), f" {key}: {problem}"))
     per_split = []
     for i, split in enumerate(datamodule.splits_of(features.concepts)):
-        model = fit_split(cfg, datamodule, features, split)
+        model = fit_split(new_model(cfg, datamodule), features, split, datamodule.train_sizes)
         trainer.test(model, datamodule.loader(datamodule.entries_of(split.test)), verbose=False)
         results = model.test_results
         if model.selection is not None:
@@ -149,12 +149,13 @@ def finite(value):
     return value
 
 
-def fit_split(cfg: DictConfig, datamodule: LoRAZooDataModule, features: Features, split: Split) -> DSiReModule:
-    """A model fitted on the split's training concepts (and `data.train_sizes`) only: its selection
-    never sees the held-out concepts."""
-    model = new_model(cfg, datamodule)
-    train_sizes = datamodule.train_sizes or features.n
-    return model.fit(features.select(np.isin(features.concepts, split.train) & np.isin(features.n, train_sizes)))
+def fit_split(
+    model: DSiReModule, features: Features, split: Split, train_sizes: tuple[int, ...] | None
+) -> DSiReModule:
+    """`model` fitted on the split's training concepts (and `train_sizes`, None: all) only: its
+    selection never sees the held-out concepts."""
+    sizes = np.isin(features.n, train_sizes) if train_sizes else np.ones(len(features.n), bool)
+    return model.fit(features.select(np.isin(features.concepts, split.train) & sizes))
 
 
 def _fit_final(cfg: DictConfig, datamodule: LoRAZooDataModule, features: Features) -> DSiReModule:

@@ -146,14 +146,17 @@ def select(features: Features, fixed: Candidate, config: SelectConfig) -> Select
     candidates = config.candidates(fixed)
     predictions: dict[Candidate, np.ndarray] = {}
     correct: dict[tuple, np.ndarray] = {}  # (voters, num_sv, normalisation): [rows, voters] 1-NN hits
+    estimates: dict[tuple, np.ndarray] = {}  # (parts, num_sv): answers by the size estimate
     for (voters, num_sv), group in itertools.groupby(
         sorted(candidates, key=lambda c: (c.voters, str(c.num_sv))), key=lambda c: (c.voters, c.num_sv)
     ):
         group = list(group)
         derived = Candidate(voters, num_sv).spec().derive(features.vectors)
         if any(c.answer == "estimate" for c in group):
-            estimate = _estimate_answers(derived, features.n, folds)
-            predictions |= {c: estimate for c in group if c.answer == "estimate"}
+            design = (frozenset(voters.replace("+", ",").split(",")), num_sv)  # same columns, same ridge
+            if design not in estimates:
+                estimates[design] = _estimate_answers(derived, features.n, folds)
+            predictions |= {c: estimates[design] for c in group if c.answer == "estimate"}
         for normalisation in dict.fromkeys(c.normalisation for c in group if c.answer == "vote"):
             votes = [c for c in group if c.answer == "vote" and c.normalisation == normalisation]
             found = _neighbours(derived, features.n, folds, normalisation, max(c.k for c in votes))
@@ -214,38 +217,39 @@ def _neighbours(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Labels and distances [voters, rows, k] of each LoRA's k nearest neighbours per voter, among
     the LoRAs outside its fold, normalised with bounds fitted outside its fold."""
-    voters, rows = len(derived), len(n)
+    raw = [np.asarray(x, np.float32) for x in derived.values()]
     k = min(k, min(int((~held).sum()) for held in folds))
-    labels = np.zeros((voters, rows, k), np.int64)
-    distances = np.zeros((voters, rows, k))
+    labels = np.zeros((len(raw), len(n), k), np.int64)
+    distances = np.zeros((len(raw), len(n), k))
     for held in folds:
-        raw = [np.asarray(x, np.float32) for x in derived.values()]
         low, high = bounds([x[~held] for x in raw], normalisation)
-        for v, (x, lo, hi) in enumerate(zip(raw, low, high, strict=True)):
-            x = normalise(x, lo, hi).astype(np.float64)
-            train, query = x[~held], x[held]
-            found = _nearest(query, train, k)
-            distances[v, held], labels[v, held] = found[0], n[~held][found[1]]
+        x = [normalise(x, lo, hi).astype(np.float64) for x, lo, hi in zip(raw, low, high, strict=True)]
+        for width in sorted({v.shape[1] for v in x}):  # voters of one width run as one batch
+            same = [i for i, v in enumerate(x) if v.shape[1] == width]
+            block = np.stack([x[i] for i in same])  # [voters, rows, width]
+            found = _nearest(block[:, held], block[:, ~held], k)
+            distances[np.ix_(same, np.flatnonzero(held))] = found[0]
+            labels[np.ix_(same, np.flatnonzero(held))] = n[~held][found[1]]
     return labels, distances
 
 
 def _nearest(query: np.ndarray, train: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Euclidean k nearest (distances, indices), in blocks of queries of bounded memory."""
-    step = max(1, CHUNK_BYTES // (8 * len(train)))
-    distances, indices = [], []
-    squared = (train**2).sum(axis=1)
-    for start in range(0, len(query), step):
-        q = query[start : start + step]
-        d2 = np.maximum((q**2).sum(axis=1)[:, None] + squared[None, :] - 2 * q @ train.T, 0)
-        if k < len(train):
-            part = np.argpartition(d2, k - 1, axis=1)[:, :k]
-        else:
-            part = np.tile(np.arange(len(train)), (len(q), 1))
-        order = np.take_along_axis(d2, part, axis=1).argsort(axis=1, kind="stable")
-        part = np.take_along_axis(part, order, axis=1)
-        distances.append(np.sqrt(np.take_along_axis(d2, part, axis=1)))
-        indices.append(part)
-    return np.concatenate(distances), np.concatenate(indices)
+    """Exact Euclidean k nearest (distances, indices), each [voters, queries, k], for query
+    [voters, queries, d] and train [voters, rows, d], in blocks of voters of bounded memory."""
+    voters, queries, rows = len(query), query.shape[1], train.shape[1]
+    step = max(1, CHUNK_BYTES // (8 * queries * rows))
+    distances, indices = np.zeros((voters, queries, k)), np.zeros((voters, queries, k), np.int64)
+    squared_query, squared_train = (query**2).sum(axis=2), (train**2).sum(axis=2)
+    for start in range(0, voters, step):
+        v = slice(start, start + step)
+        d2 = squared_query[v, :, None] + squared_train[v, None, :] - 2 * query[v] @ train[v].transpose(0, 2, 1)
+        d2 = np.maximum(d2, 0)
+        part = np.argpartition(d2, k - 1, axis=2)[..., :k] if k < rows else np.broadcast_to(np.arange(rows), d2.shape)
+        near = np.take_along_axis(d2, part, axis=2)
+        order = near.argsort(axis=2, kind="stable")
+        indices[v] = np.take_along_axis(part, order, axis=2)
+        distances[v] = np.sqrt(np.take_along_axis(near, order, axis=2))
+    return distances, indices
 
 
 def _vote(
