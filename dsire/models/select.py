@@ -117,7 +117,7 @@ class SelectConfig:
 @dataclass
 class Selection:
     chosen: Candidate
-    scores: list[dict] = field(default_factory=list)  # per candidate: its settings, inner mae and accuracy
+    scores: list[dict] = field(default_factory=list)  # per candidate: settings, inner mae (pooled, per fold), accuracy
     voter_weights: np.ndarray | None = None  # learned, for the chosen voters (None: equal)
     voter_accuracy: dict[str, float] = field(default_factory=dict)  # inner 1-NN accuracy per chosen voter
     note: str = ""
@@ -168,6 +168,7 @@ def select(features: Features, fixed: Candidate, config: SelectConfig) -> Select
             "candidate": c.as_dict(),
             "mae": float(np.abs(predictions[c] - features.n).mean()),
             "accuracy": float((predictions[c] == features.n).mean()),
+            "fold_mae": [float(np.abs(predictions[c] - features.n)[held].mean()) for held in folds],
         }
         for c in candidates
     ]
