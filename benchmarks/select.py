@@ -7,6 +7,8 @@ Both fits start from features already computed (selection never reads weights): 
 layers of rank 32 (σ(ΔW), σ(down), σ(up) shrinking as N^-1/2 with concept and LoRA noise). The fixed
 fit is the paper's voters (indices, size regression, calibration); the `auto` fit adds the inner
 concept CV over the grid of configs/model/select/auto.yaml and then fits the chosen configuration.
+Times are CPU seconds of this process (a shared machine's wall clock says little); run it with one
+thread (OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1) for numbers comparable across machines.
 """
 
 from __future__ import annotations
@@ -53,12 +55,13 @@ def synthetic(size: int, layers: int, seed: int = 0) -> Features:
 
 
 def timed(features: Features, select: dict | None) -> tuple[float, DSiReModule]:
-    start = time.perf_counter()
+    """CPU seconds of one fit, and the fitted module."""
+    start = time.process_time()
     module = DSiReModule(use_faiss_gpu=False, select=select)
     if select is None:  # the fixed model featurises the paper's voters only
         features = Features(FeatureSpec().derive(features.vectors), features.n, features.keys, features.concepts)
     module.fit(features)
-    return time.perf_counter() - start, module
+    return time.process_time() - start, module
 
 
 def main() -> None:
@@ -66,6 +69,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000])
     parser.add_argument("--layers", type=int, default=16)
     args = parser.parse_args()
+    faiss.omp_set_num_threads(1)
     grid = OmegaConf.to_container(OmegaConf.load(GRID))
     zoos = [("bundled zoo (96 layers)", bundled())]
     zoos += [(f"synthetic, {args.layers} layers", synthetic(size, args.layers)) for size in args.sizes]
@@ -84,7 +88,8 @@ def main() -> None:
         [
             "## Model selection: fit time with `model/select=auto` against the fixed configuration",
             "",
-            f"`{command_line()}` on {platform.machine()}, FAISS {faiss.__version__}, no GPU. Both fits start"
+            f"`OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 {command_line()}` on {platform.machine()}, FAISS"
+            f" {faiss.__version__} with 1 thread, no GPU; CPU seconds. Both fits start"
             " from computed features; auto = inner 3-fold concept CV over the grid of"
             " configs/model/select/auto.yaml (at most `points` = 1000 LoRAs, whole concepts) + the fit of"
             " the chosen configuration.",

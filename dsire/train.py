@@ -124,12 +124,12 @@ def train(cfg: DictConfig) -> dict:
     log_metrics(trainer, summary, step=len(per_split))
     _print(summary, per_split, cfg, say)
     report = {"summary": summary, "splits": per_split, "skipped": features.errors}
-    final = _fit_final(cfg, datamodule, features)
-    if final.selection is not None:
-        report["selection"] = final.selection.report()
-        _print_selection([r["selection"] for r in per_split], report["selection"], say)
-        log_run_settings(trainer, {"selected": selected_settings(per_split, report["selection"])})
-    if trainer.is_global_zero:
+    if trainer.is_global_zero:  # one rank fits and saves the model (loggers log on this rank only)
+        final = _fit_final(cfg, datamodule, features)
+        if final.selection is not None:
+            report["selection"] = final.selection.report()
+            _print_selection([r["selection"] for r in per_split], report["selection"], say)
+            log_run_settings(trainer, {"selected": selected_settings(per_split, report["selection"])})
         report["checkpoint"] = str(save_checkpoint(final, Path(cfg.paths.output_dir) / "dsire.safetensors"))
         out = Path(cfg.paths.output_dir)
         atomic_write_text(out / "metrics.json", json.dumps(finite(report), indent=1, allow_nan=False))
@@ -149,9 +149,7 @@ def finite(value):
     return value
 
 
-def fit_split(
-    model: DSiReModule, features: Features, split: Split, train_sizes: tuple[int, ...] | None
-) -> DSiReModule:
+def fit_split(model: DSiReModule, features: Features, split: Split, train_sizes: tuple[int, ...] | None) -> DSiReModule:
     """`model` fitted on the split's training concepts (and `train_sizes`, None: all) only: its
     selection never sees the held-out concepts."""
     sizes = np.isin(features.n, train_sizes) if train_sizes else np.ones(len(features.n), bool)
