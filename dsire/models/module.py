@@ -2,7 +2,10 @@
 
 Lightning runs the featurisation: `predict_step` turns a batch of zoo items into per-voter
 feature vectors, computing spectra on the module's device (GPU when present) for items the
-cache did not have. Fitting is `fit(features)`: normalisation + one FAISS index per voter.
+cache did not have. Fitting is `fit(features)`: with `select` (model/select=auto), model selection on
+those LoRAs only (`dsire.models.select`), then normalisation + one FAISS index per chosen voter. With
+the answer `estimate` chosen, the predicted N is the zoo size nearest the size estimate; the vote's
+share and each voter's label still describe the vote.
 `test_step` featurises; at the end of a test run the held-out set (gathered from every rank under
 DDP) is predicted at once, and `test_features` and `test_results` (`dsire.models.metrics`) hold
 what callbacks and the runner report, computed once. The feature container is
