@@ -17,7 +17,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from dsire.data.cache import SpectraCache
 from dsire.models.calibration import Calibration, Estimate, FitPredict, calibrate
@@ -52,6 +52,8 @@ class DSiReModule(pl.LightningModule):
         select: dict | None = None,
     ):
         super().__init__()
+        if isinstance(select, DictConfig):  # from Hydra: saved with the checkpoint as plain JSON
+            select = OmegaConf.to_container(select, resolve=True)
         self.save_hyperparameters()
         self.config = from_config(ModelConfig, OmegaConf.create(dict(self.hparams)), "model")  # names a bad key
         self.selector = from_config(SelectConfig, select, "model.select") if select else None
