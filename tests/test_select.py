@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from dsire.data.splits import kfold
 from dsire.models.checkpoint import load_checkpoint, save_checkpoint
@@ -99,7 +100,8 @@ def test_outer_held_out_concepts_never_reach_the_inner_choice():
 
 def test_chosen_configuration_is_saved_and_used(tmp_path):
     features, queries = zoo(12, "down"), zoo(3, "down", seed=1)
-    module = DSiReModule(select=dict(PARTS_ONLY, voter_weights=["learned"]), use_faiss_gpu=False).fit(features)
+    grid = OmegaConf.create(dict(PARTS_ONLY, voter_weights=["learned"]))  # as Hydra passes it
+    module = DSiReModule(select=grid, use_faiss_gpu=False).fit(features)
     assert module.chosen.voters == "down" and module.knn.voters == [f"l{i}/down" for i in range(4)]
     loaded = load_checkpoint(save_checkpoint(module, tmp_path / "model.safetensors"), use_faiss_gpu=False)
     assert loaded.chosen == module.chosen
