@@ -2,12 +2,18 @@
 
 Prints one row per LoRA (table, JSON or CSV): predicted N, the N its kohya metadata claims (if any),
 the share of the vote it won, the mean distance to the nearest zoo LoRA over voters, and the layers
-whose own vote disagreed. Files that cannot be read, or whose layers do not match the model's, are
-reported and skipped; the exit code is then non-zero.
+whose own vote disagreed. Files that cannot be read, or whose layers (names, rank, shapes) do not match
+the model's, are reported and skipped; the exit code is then non-zero.
+
+With `labels=CSV` (a `file,n,concept` labels file, files relative to `lora`, or a zoo manifest
+`path,n,concept`) the listed LoRAs are predicted and scored: how a user tests a model on LoRAs from
+elsewhere. Accuracy, MAE, per-N accuracy and the confusion matrix (`dsire.models.metrics`, the same
+numbers train.py reports per split) are printed and written to `evaluation_dir`.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from collections import Counter
@@ -21,16 +27,18 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from dsire.atomic import atomic_write_text, csv_text
+from dsire.atomic import atomic_write_csv, atomic_write_text, csv_text
 from dsire.data.datamodule import zoo_batches
-from dsire.data.sources import ZooEntry, scan_directory
+from dsire.data.sources import ZooEntry, from_labels_dir, from_manifest, scan_directory
 from dsire.errors import UserError
 from dsire.harvest import claimed_columns
 from dsire.loggers import quiet_library_noise
 from dsire.lora.load import PEFT_CONFIG, WEIGHT_SUFFIXES
 from dsire.models.checkpoint import load_checkpoint
 from dsire.models.features import Features
+from dsire.models.metrics import split_metrics
 from dsire.settings import require_device
+from dsire.train import finite
 
 OUTPUTS = ("table", "json", "csv")
 FILE_MIN_WIDTH = 12
@@ -68,39 +76,81 @@ def _disagreeing(voter_labels, voters: list[str], predicted: int) -> str:
     return "; ".join(f"{layer} ({count})" for layer, count in layers.most_common())
 
 
-def predict(cfg: DictConfig) -> tuple[list[dict], dict[str, str]]:
+def labelled_entries(lora: str | Path, labels: str | Path) -> list[ZooEntry]:
+    """The LoRAs a labels CSV lists, with their N: `file,n,concept` (files relative to `lora`) or a
+    zoo manifest `path,n,concept` (paths relative to the manifest)."""
+    table = Path(lora) / labels if Path(lora).is_dir() else Path(labels)  # an absolute `labels` stays itself
+    if not table.is_file():
+        raise UserError("labels", f"{table} does not exist (a CSV file,n,concept, or a manifest path,n,concept)")
+    with table.open(newline="") as f:
+        header = next(csv.reader(f), [])
+    return from_manifest(table) if "path" in header else from_labels_dir(table.parent, table.name)
+
+
+def predict(cfg: DictConfig) -> tuple[list[dict], dict[str, str], dict | None]:
+    """Rows, per-file errors, and with `labels` the metrics of the labelled set (else None)."""
     module = load_checkpoint(cfg.ckpt)
-    entries, unreadable = collect_inputs(cfg.lora)
+    if cfg.labels:
+        entries, unreadable = labelled_entries(cfg.lora, cfg.labels), {}
+    else:
+        entries, unreadable = collect_inputs(cfg.lora)
     if not entries:
-        return [], unreadable or {str(cfg.lora): "no LoRA files found"}
+        return [], unreadable or {str(cfg.lora): "no LoRA files found"}, None
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
     loader = zoo_batches(entries, None, cfg.batch_size, cfg.allow_torch_load)
     features = Features.concat(trainer.predict(module, loader) or [])
+    if not features.keys:
+        return [], unreadable | features.errors, None
+    prediction = module.predict_features(features)
+    estimate = module.estimate(features, prediction)
+    sizes = module.knn.sizes
     rows = []
-    if features.keys:
-        prediction = module.predict_features(features)
-        estimate = module.estimate(features, prediction)
-        sizes = module.knn.sizes
-        for i, key in enumerate(features.keys):
-            n = int(prediction.n[i])
-            rows.append(
-                {
-                    "file": key,
-                    "predicted_n": n,
-                    **claimed_columns(key),
-                    "estimated_n": _number(estimate.n[i], 2),
-                    "interval_low": _number(estimate.low[i], 2),
-                    "interval_high": _number(estimate.high[i], 2),
-                    "beyond_zoo_sizes": not sizes.min() <= estimate.n[i] <= sizes.max(),
-                    "mismatch_p": _number(estimate.mismatch_p[i], 4),
-                    "recipe_mismatch": bool(estimate.mismatch[i]),
-                    "vote_share": round(float(prediction.share[i]), 4),
-                    "nearest_distance": round(float(prediction.distance[i]), 6),
-                    "disagreeing_voters": int((prediction.voter_labels[i] != n).sum()),
-                    "disagreeing_layers": _disagreeing(prediction.voter_labels[i], module.knn.voters, n),
-                }
-            )
-    return rows, unreadable | features.errors
+    for i, key in enumerate(features.keys):
+        n = int(prediction.n[i])
+        rows.append(
+            {
+                "file": key,
+                "predicted_n": n,
+                **claimed_columns(key),
+                "estimated_n": _number(estimate.n[i], 2),
+                "interval_low": _number(estimate.low[i], 2),
+                "interval_high": _number(estimate.high[i], 2),
+                "beyond_zoo_sizes": not sizes.min() <= estimate.n[i] <= sizes.max(),
+                "mismatch_p": _number(estimate.mismatch_p[i], 4),
+                "recipe_mismatch": bool(estimate.mismatch[i]),
+                "vote_share": round(float(prediction.share[i]), 4),
+                "nearest_distance": round(float(prediction.distance[i]), 6),
+                "disagreeing_voters": int((prediction.voter_labels[i] != n).sum()),
+                "disagreeing_layers": _disagreeing(prediction.voter_labels[i], module.knn.voters, n),
+            }
+        )
+    evaluation = split_metrics(features, prediction, estimate, module.knn.voters, sizes) if cfg.labels else None
+    return rows, unreadable | features.errors, evaluation
+
+
+def write_evaluation(evaluation: dict, directory: str | Path) -> None:
+    """`evaluation.json` (every metric, every prediction) and `confusion.csv`: rows true N, columns
+    predicted N, and each true N's accuracy."""
+    directory = Path(directory)
+    atomic_write_text(directory / "evaluation.json", json.dumps(finite(evaluation), indent=1, allow_nan=False))
+    sizes, counts = evaluation["confusion"]["sizes"], evaluation["confusion"]["counts"]
+    per_size = evaluation["per_size_accuracy"]
+    columns = ["true_n", *(f"predicted_{s}" for s in sizes), "accuracy"]
+    rows = [[s, *row, per_size.get(s, "")] for s, row in zip(sizes, counts, strict=True) if sum(row)]
+    atomic_write_csv(directory / "confusion.csv", columns, rows)
+
+
+def evaluation_text(evaluation: dict) -> str:
+    """A few lines: accuracy, MAE, the estimate's MAE, per-N accuracy, the confusion matrix."""
+    sizes, counts = evaluation["confusion"]["sizes"], evaluation["confusion"]["counts"]
+    lines = [
+        f"labelled LoRAs: {len(evaluation['predictions'])}; accuracy {evaluation['accuracy']:.3f}, "
+        f"MAE {evaluation['mae']:.3f}, estimate MAE {evaluation['regression_mae']:.3f}",
+        "accuracy per N: " + ", ".join(f"{s}: {a:.2f}" for s, a in evaluation["per_size_accuracy"].items()),
+        "confusion (rows: true N, columns: predicted N " + " ".join(map(str, sizes)) + "):",
+    ]
+    lines += [f"  {s}: " + " ".join(map(str, row)) for s, row in zip(sizes, counts, strict=True) if sum(row)]
+    return "\n".join(lines)
 
 
 def _number(value: float, digits: int) -> float | None:
@@ -183,13 +233,18 @@ def run(cfg: DictConfig) -> int:
     """Exit code: 0 all predicted, 1 some files failed, 2 the checkpoint itself is unusable (or an option)."""
     check_options(cfg)
     quiet_library_noise()
-    rows, errors = predict(cfg)  # a damaged checkpoint raises CheckpointError: one `error:` line, exit 2
+    rows, errors, evaluation = predict(cfg)  # a damaged checkpoint raises CheckpointError: one `error:` line
     text = render(rows, errors, cfg.output)
     if text is not None:
         if cfg.output_file:
             atomic_write_text(cfg.output_file, text)  # creates its folder
         else:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    if evaluation is not None:
+        write_evaluation(evaluation, cfg.evaluation_dir)
+        stdout_is_data = text is not None and not cfg.output_file  # JSON or CSV there: the summary goes to stderr
+        where = sys.stderr if stdout_is_data else sys.stdout
+        print(f"{evaluation_text(evaluation)}\nevaluation: {cfg.evaluation_dir}", file=where)
     for key, problem in errors.items():
         print(f"error: {key}: {problem}", file=sys.stderr)
     flagged = sum(row["recipe_mismatch"] for row in rows)

@@ -2,9 +2,12 @@
 
 1. Featurise every LoRA once (`trainer.predict`: spectra on the module's device, cached on disk;
    under `trainer=ddp` each process reads its share of the files and all gather the features).
-2. For each split: fit on the training concepts, `trainer.test` on the held-out ones; callbacks
-   log figures, the metrics of each split go to every logger.
-3. Log mean ± std over splits, write `metrics.json`, fit on all concepts, save the checkpoint.
+2. For each split: fit on the training concepts (with `model/select=auto`, model selection by an inner
+   concept CV on those concepts only), `trainer.test` on the held-out ones; callbacks log figures, the
+   metrics of each split go to every logger.
+3. Log mean ± std over splits, write `metrics.json`, fit on all concepts, save the checkpoint; the
+   configuration chosen in each split and for the saved model is printed, in `metrics.json` and
+   logged as hyperparameters (`selected/...`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from rich.text import Text
 
 from dsire.atomic import atomic_write_text
 from dsire.data.datamodule import LoRAZooDataModule
+from dsire.data.splits import Split
 from dsire.distributed import gather, one_rank_at_a_time
 from dsire.loggers import Report, finish_loggers, log_metrics, log_run_settings, prepare_wandb, quiet_library_noise
 from dsire.models.checkpoint import save_checkpoint
@@ -109,19 +113,24 @@ def train(cfg: DictConfig) -> dict:
         say(Text.assemble(("skipped", "red"), f" {key}: {problem}"))
     per_split = []
     for i, split in enumerate(datamodule.splits_of(features.concepts)):
-        model = new_model(cfg, datamodule)
-        train_sizes = datamodule.train_sizes or features.n
-        model.fit(features.select(np.isin(features.concepts, split.train) & np.isin(features.n, train_sizes)))
+        model = fit_split(new_model(cfg, datamodule), features, split, datamodule.train_sizes)
         trainer.test(model, datamodule.loader(datamodule.entries_of(split.test)), verbose=False)
         results = model.test_results
+        if model.selection is not None:
+            results["selection"] = model.selection.report()
         per_split.append(results)
         log_metrics(trainer, {f"split/{k}": results[k] for k in SCALARS + UNSEEN if k in results}, step=i)
     summary = summarize(per_split)
     log_metrics(trainer, summary, step=len(per_split))
     _print(summary, per_split, cfg, say)
     report = {"summary": summary, "splits": per_split, "skipped": features.errors}
-    if trainer.is_global_zero:
-        report["checkpoint"] = str(_save_model(cfg, datamodule, features))
+    if trainer.is_global_zero:  # one rank fits and saves the model (loggers log on this rank only)
+        final = _fit_final(cfg, datamodule, features)
+        if final.selection is not None:
+            report["selection"] = final.selection.report()
+            _print_selection([r["selection"] for r in per_split], report["selection"], say)
+            log_run_settings(trainer, {"selected": selected_settings(per_split, report["selection"])})
+        report["checkpoint"] = str(save_checkpoint(final, Path(cfg.paths.output_dir) / "dsire.safetensors"))
         out = Path(cfg.paths.output_dir)
         atomic_write_text(out / "metrics.json", json.dumps(finite(report), indent=1, allow_nan=False))
         say(f"model: {report['checkpoint']}\nmetrics: {out / 'metrics.json'}")
@@ -140,15 +149,44 @@ def finite(value):
     return value
 
 
-def _save_model(cfg: DictConfig, datamodule: LoRAZooDataModule, features: Features) -> Path:
-    """Fit on every concept and save the checkpoint `predict.py` uses."""
+def fit_split(model: DSiReModule, features: Features, split: Split, train_sizes: tuple[int, ...] | None) -> DSiReModule:
+    """`model` fitted on the split's training concepts (and `train_sizes`, None: all) only: its
+    selection never sees the held-out concepts."""
+    sizes = np.isin(features.n, train_sizes) if train_sizes else np.ones(len(features.n), bool)
+    return model.fit(features.select(np.isin(features.concepts, split.train) & sizes))
+
+
+def _fit_final(cfg: DictConfig, datamodule: LoRAZooDataModule, features: Features) -> DSiReModule:
+    """Fit on every concept: the model the checkpoint saves for `predict.py`."""
     model = new_model(cfg, datamodule).fit(features)
     model.metadata = {
         "source": json.dumps(OmegaConf.to_container(cfg.data.source, resolve=True)),
         "sizes": json.dumps(sorted(set(features.n.tolist()))),
         "loras": str(len(features.keys)),
     }
-    return save_checkpoint(model, Path(cfg.paths.output_dir) / "dsire.safetensors")
+    return model
+
+
+def selected_settings(per_split: list[dict], final: dict) -> dict:
+    """The chosen configurations as flat hyperparameters: `final/<setting>` and `split<i>/<setting>`."""
+    chosen = {"final": final["chosen"]} | {f"split{i}": r["selection"]["chosen"] for i, r in enumerate(per_split)}
+    return {f"{where}/{key}": str(value) for where, settings in chosen.items() for key, value in settings.items()}
+
+
+def _print_selection(per_split: list[dict], final: dict, say: Report) -> None:
+    """One line per split and one for the saved model: what the inner CV chose, with its inner scores."""
+
+    def line(selection: dict) -> str:
+        c = selection["chosen"]
+        vote = f"k={c['k']} {c['weighting']} {c['voter_weights']} weights" if c["answer"] == "vote" else "estimate"
+        text = f"voters {c['voters']} num_sv={c['num_sv']} {c['normalisation']} {vote}"
+        if selection["inner_mae"] is None:
+            return f"{text} ({selection['note']})"
+        return f"{text} (inner MAE {selection['inner_mae']:.3f}, accuracy {selection['inner_accuracy']:.3f})"
+
+    for i, selection in enumerate(per_split):
+        say(f"selected, split {i}: {line(selection)}")
+    say(f"selected, saved model: {line(final)}")
 
 
 def _print(summary: dict, per_split: list[dict], cfg: DictConfig, say: Report) -> None:

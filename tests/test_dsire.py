@@ -74,19 +74,28 @@ def test_feature_spec_parts_and_truncation():
         FeatureSpec(parts=("nope",))
 
 
-def test_featurise_reports_mismatched_layers_and_ranks():
+def test_featurise_reports_mismatched_layers_ranks_and_shapes():
     module = DSiReModule(parts=("delta",))
+    shapes = {"l1": (16, 16), "l2": (16, 8)}
     items = [
-        {"key": "a", "n": 1, "concept": "c", "spectra": spectra_for(4, ["l1", "l2"], 1.0)},
-        {"key": "b", "n": 2, "concept": "c", "spectra": spectra_for(4, ["l1"], 1.0)},
-        {"key": "c", "n": 3, "concept": "c", "spectra": spectra_for(8, ["l1", "l2"], 1.0)},
+        {"key": "a", "n": 1, "concept": "c", "spectra": spectra_for(4, ["l1", "l2"], 1.0), "shapes": shapes},
+        {"key": "b", "n": 2, "concept": "c", "spectra": spectra_for(4, ["l1"], 1.0), "shapes": shapes},
+        {"key": "c", "n": 3, "concept": "c", "spectra": spectra_for(8, ["l1", "l2"], 1.0), "shapes": shapes},
         {"key": "d", "n": 1, "concept": "c", "error": "truncated"},
+        {
+            "key": "e",
+            "n": 2,
+            "concept": "c",
+            "spectra": spectra_for(4, ["l1", "l2"], 1.0),
+            "shapes": shapes | {"l2": (32, 8)},
+        },
     ]
     features = module.featurise(items)
-    assert features.keys == ["a"]
+    assert features.keys == ["a"] and features.shapes == shapes
     assert "missing l2/delta" in features.errors["b"]
     assert "another rank" in features.errors["c"]
     assert features.errors["d"] == "truncated"
+    assert features.errors["e"].startswith("layer l2 has shape (32, 8), the model's has (16, 8) (out, in)")
 
 
 @pytest.mark.fault

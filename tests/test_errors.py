@@ -54,7 +54,7 @@ def compose_train(*overrides: str):
         ("k", -1, "model.k: -1 must be at least 1"),
         ("k", 1.5, "model.k: 1.5 is not an integer"),
         ("weighting", "cosine", "model.weighting: 'cosine' is not one of uniform, distance"),
-        ("normalisation", "none", "model.normalisation: 'none' is not one of global, voter"),
+        ("normalisation", "none", "model.normalisation: 'none' is not one of global, voter, dimension, standard"),
         ("parts", ["delta", "sideways"], "model.parts[1]: 'sideways' is not one of delta, down, up, norms"),
         ("parts", [], "model.parts: []: name one or more of"),
         ("parts", ["up", "up"], "model.parts: ['up', 'up']: name one or more of"),

@@ -173,7 +173,8 @@ def test_spectra_cache_tells_ranks_of_a_parquet_row_apart(unet_finetune_alpha_r:
     path = write_lorawise([(unet_finetune_alpha_r, 1, "c")], tmp_path / "rows.parquet")
     cache = SpectraCache(tmp_path / "cache", {})
     rank4, rank2 = ZooEntry(str(path), 1, "c", row=0, rank=4), ZooEntry(str(path), 1, "c", row=0, rank=2)
-    cache.put(rank4, lora_spectra(rank4.load()))
+    lora = rank4.load()
+    cache.put(rank4, lora_spectra(lora), {name: layer.shape for name, layer in lora.layers.items()})
     assert cache.get(rank4) is not None and cache.get(rank2) is None
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from peft import LoraConfig
+from safetensors.torch import load_file, save_file
 
 from dsire.lora import load_lora
 from dsire.lora.save import save_lora
@@ -35,10 +38,13 @@ def test_train_reports_metrics_and_figures(trained: Path):
     summary = metrics["summary"]
     # the README's headline figures; the run is deterministic, and one LoRA predicted otherwise moves a
     # fold-averaged rate by 1/36/5 = 0.0056, so the tolerance lets at most one through
-    readme = {"accuracy": 0.489, "mae": 0.661, "regression_mae": 0.424, "coverage": 0.928, "mismatch_rate": 0.006}
+    readme = {"accuracy": 0.689, "mae": 0.328, "regression_mae": 0.428, "coverage": 0.928, "mismatch_rate": 0.006}
     for name, value in readme.items():
         assert summary[f"{name}_mean"] == pytest.approx(value, abs=0.006), name
-    assert summary["interval_width_mean"] == pytest.approx(2.04, abs=0.02)
+    assert summary["interval_width_mean"] == pytest.approx(2.02, abs=0.02)
+    # model/select=auto (the default): each split's inner choice and the saved model's are reported
+    assert [s["selection"]["chosen"]["answer"] for s in metrics["splits"]] == ["estimate"] * 5
+    assert metrics["selection"]["chosen"]["voters"] == "delta,down,up,norms"
     expected = {"confusion_matrix.png", "per_layer_accuracy.png", "spectrum_vs_n.png"}
     assert expected <= {p.name for p in (trained / "figures").iterdir()}
     assert (trained / "dsire.safetensors").is_file()
@@ -205,3 +211,49 @@ def test_recipe_mismatch_flags(trained: Path, folder: str, flagged: tuple[int, i
     for row in rows:  # the bundled zoo has N = 1..6: an estimate outside is marked as an extrapolation
         if abs(row["estimated_n"] - 1) > 0.01 and abs(row["estimated_n"] - 6) > 0.01:  # rounding aside
             assert row["beyond_zoo_sizes"] == (not 1 <= row["estimated_n"] <= 6)
+
+
+def test_lora_of_another_base_is_refused(trained: Path, tmp_path):
+    """Same layer names and rank, another width (twice the UNet's): a per-file error naming the first layer
+    and both shapes, not a prediction; the zoo's own LoRA next to it is still predicted."""
+    source = ZOO / "m0_n1_r0_step200.safetensors"
+    (tmp_path / "ours.safetensors").write_bytes(source.read_bytes())
+    tensors = {
+        key: torch.cat([value, value], dim=0 if "lora_up" in key else 1) if value.dim() == 2 else value
+        for key, value in load_file(source).items()
+    }
+    save_file(tensors, tmp_path / "wider.safetensors")
+    result = run_script("predict.py", f"ckpt={trained / 'dsire.safetensors'}", f"lora={tmp_path}", "output=json")
+    assert result.returncode == 1
+    assert [Path(row["file"]).name for row in json.loads(result.stdout)["predictions"]] == ["ours.safetensors"]
+    first = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    assert f"wider.safetensors: layer {first} has shape (64, 64), the model's has (32, 32)" in result.stderr
+
+
+def test_predict_scores_a_labelled_set(trained: Path, tmp_path):
+    """`labels=labels.csv`: accuracy, MAE, per-N accuracy and the confusion matrix, as computed by hand
+    from the predictions, printed and written (new concepts of the zoo's recipe, N ∈ {1, 3, 6})."""
+    folder = ROOT / "data" / "zoo_check" / "in_recipe"
+    truth = {Path(r["path"]).name: int(r["n"]) for r in csv.DictReader((folder / "manifest.csv").open())}
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,n,concept\n" + "".join(f"{folder / f},{n},{f[:2]}\n" for f, n in truth.items()))
+    result = run_script(
+        "predict.py", f"ckpt={trained / 'dsire.safetensors'}", f"lora={folder}", f"labels={labels}",
+        "output=json", f"evaluation_dir={tmp_path / 'eval'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    pairs = [(truth[Path(r["file"]).name], r["predicted_n"]) for r in json.loads(result.stdout)["predictions"]]
+    assert len(pairs) == 12
+    evaluation = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert evaluation["accuracy"] == pytest.approx(sum(t == p for t, p in pairs) / 12)
+    assert evaluation["mae"] == pytest.approx(sum(abs(t - p) for t, p in pairs) / 12)
+    for n in (1, 3, 6):
+        hits = [p == n for t, p in pairs if t == n]
+        assert evaluation["per_size_accuracy"][str(n)] == pytest.approx(sum(hits) / len(hits))
+    sizes = [1, 2, 3, 4, 5, 6]
+    counts = [[sum(1 for t, p in pairs if (t, p) == (a, b)) for b in sizes] for a in sizes]
+    assert evaluation["confusion"] == {"sizes": sizes, "counts": counts}
+    table = list(csv.reader((tmp_path / "eval" / "confusion.csv").open()))
+    assert table[0] == ["true_n", *(f"predicted_{s}" for s in sizes), "accuracy"]
+    assert [[int(x) for x in row[:-1]] for row in table[1:]] == [[n, *counts[n - 1]] for n in (1, 3, 6)]
+    assert f"accuracy {evaluation['accuracy']:.3f}, MAE {evaluation['mae']:.3f}" in result.stderr

@@ -4,7 +4,8 @@ A second run reads no weights: the content hash of a file is remembered against 
 (path, size, mtime), so a cache hit costs a `stat` and one small safetensors read. The remembered
 hashes are saved at least every `FLUSH_SECONDS` while entries are written, so a killed run's
 successor does not hash every file again.
-Entries are written atomically; a torn or foreign entry is treated as a miss and rewritten.
+Entries are written atomically; a torn or foreign entry is treated as a miss and rewritten, and so is
+an entry written before layer shapes were stored with the spectra.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dsire.spectra import Spectra
 CACHE_VERSION = 1
 FLUSH_SECONDS = 60.0  # rewriting content_hashes.json costs one JSON dump of every hash seen
 _PARTS = ("delta", "down", "up")
+Shapes = dict[str, tuple[int, int]]  # layer: (out, in) of ΔW, so a LoRA of another base can be refused
 
 
 class SpectraCache:
@@ -58,22 +60,25 @@ class SpectraCache:
     def _path(self, entry: ZooEntry) -> Path:
         return self.dir / f"{self._content_key(entry)}.safetensors"
 
-    def get(self, entry: ZooEntry) -> dict[str, Spectra] | None:
+    def get(self, entry: ZooEntry) -> tuple[dict[str, Spectra], Shapes] | None:
+        """The entry's per-layer spectra and layer shapes (out, in); None on a miss."""
         path = self._path(entry)
         if not path.is_file():
             return None
         try:
             tensors = load_file(str(path))
             layers = sorted({k.rsplit("/", 1)[0] for k in tensors}, key=lambda n: tensors[f"{n}/order"].item())
-            return {n: Spectra(*(tensors[f"{n}/{p}"] for p in _PARTS)) for n in layers}
-        except (SafetensorError, OSError, KeyError, RuntimeError):  # torn, foreign or tampered: a miss
+            spectra = {n: Spectra(*(tensors[f"{n}/{p}"] for p in _PARTS)) for n in layers}
+            return spectra, {n: tuple(tensors[f"{n}/shape"].tolist()) for n in layers}
+        except (SafetensorError, OSError, KeyError, RuntimeError, ValueError):  # torn, foreign, older: a miss
             return None
 
-    def put(self, entry: ZooEntry, spectra: dict[str, Spectra]) -> None:
+    def put(self, entry: ZooEntry, spectra: dict[str, Spectra], shapes: Shapes) -> None:
         tensors = {}
         for order, (name, s) in enumerate(spectra.items()):
             tensors |= {f"{name}/{p}": getattr(s, p).contiguous() for p in _PARTS}
             tensors[f"{name}/order"] = torch.tensor(order)
+            tensors[f"{name}/shape"] = torch.tensor(shapes[name], dtype=torch.int64)
         with atomic_path(self._path(entry)) as tmp:
             save_file(tensors, str(tmp))
         if time.monotonic() - self._flushed >= FLUSH_SECONDS:

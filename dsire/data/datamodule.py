@@ -1,6 +1,6 @@
 """`LoRAZooDataModule`: streams a zoo's LoRAs (or their cached spectra) in batches, split by concept.
 
-Items are dicts: `key`, `n`, `concept`, and either `spectra` (a cache hit: no weights read),
+Items are dicts: `key`, `n`, `concept`, and either `spectra` and `shapes` (a cache hit: no weights read),
 `lora` (raw tensors: the model computes spectra on its device and fills the cache), or `error`
 (a file that could not be read: reported and skipped, the rest still run).
 """
@@ -39,7 +39,7 @@ class ZooDataset(Dataset):
         try:
             cached = self.cache.get(entry) if self.cache else None
             if cached is not None:
-                return item | {"spectra": cached}
+                return item | {"spectra": cached[0], "shapes": cached[1]}
             return item | {"lora": entry.load(self.allow_torch_load)}
         except LoRAError as exc:
             return item | {"error": exc.problem}

@@ -32,6 +32,7 @@ class ModelConfig:
     false_alarm: float = 0.05
     calibration_folds: int = 5
     calibration_points: int = 2000
+    select: dict | str | None = None  # model selection (`dsire.models.select.SelectConfig`); None: the fixed one
 
     def __post_init__(self) -> None:
         distinct = bool(self.parts) and len(set(self.parts)) == len(self.parts)
@@ -48,4 +49,10 @@ class ModelConfig:
         require(0 < self.coverage < 1, "coverage", f"{self.coverage} is not in (0, 1)")
         require(0 < self.false_alarm < 1, "false_alarm", f"{self.false_alarm} is not in (0, 1)")
         require(self.calibration_folds >= 2, "calibration_folds", f"{self.calibration_folds} must be at least 2")
+        require(
+            not isinstance(self.select, str),
+            "select",
+            f"{self.select!r}: a grid is a config group, chosen with model/select=NAME (auto, wide or none; "
+            "configs/model/select/), not model.select=",
+        )
         require(self.calibration_points >= 1, "calibration_points", f"{self.calibration_points} must be at least 1")

@@ -18,10 +18,13 @@ PARTS = get_args(Part)
 @dataclass(frozen=True)
 class FeatureSpec:
     """`parts`: per layer, which voters: σ(ΔW) `delta`, σ(down) `down`, σ(up) `up`, and `norms`
-    (‖ΔW‖F, ‖down‖F, ‖up‖F). `num_sv`: singular values kept (None: all r, as in the paper)."""
+    (‖ΔW‖F, ‖down‖F, ‖up‖F). `num_sv`: singular values kept (None: all r, as in the paper).
+    `concat`: the parts of a layer concatenated into one voter (`layer/delta+down+up`) instead of one
+    voter each."""
 
     parts: tuple[str, ...] = ("delta", "down", "up")
     num_sv: int | None = None
+    concat: bool = False
 
     def __post_init__(self):
         unknown = set(self.parts) - set(PARTS)
@@ -29,7 +32,7 @@ class FeatureSpec:
             raise ValueError(f"unknown feature parts {sorted(unknown)}; choose from {PARTS}")
 
     def vectors(self, spectra: dict[str, Spectra]) -> dict[str, torch.Tensor]:
-        """{"layer/part": 1-D feature vector} for one LoRA."""
+        """{"layer/part": 1-D feature vector} for one LoRA (one voter per part: see `derive`)."""
         out = {}
         for layer, s in spectra.items():
             for part in self.parts:
@@ -38,6 +41,22 @@ class FeatureSpec:
                 else:
                     out[f"{layer}/{part}"] = getattr(s, part)[: self.num_sv].float()
         return out
+
+    def derive(self, vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This spec's voters from the vectors of a wider one (every part, all values: see `ALL`), so
+        that model selection tries voter sets on features computed once."""
+        layers = dict.fromkeys(voter.rsplit("/", 1)[0] for voter in vectors)
+        out = {}
+        for layer in layers:
+            pieces = [vectors[f"{layer}/{p}"][..., : None if p == "norms" else self.num_sv] for p in self.parts]
+            if self.concat:
+                out[f"{layer}/{'+'.join(self.parts)}"] = np.concatenate(pieces, axis=-1)
+            else:
+                out |= {f"{layer}/{p}": x for p, x in zip(self.parts, pieces, strict=True)}
+        return out
+
+
+ALL = FeatureSpec(PARTS)  # every part, all values: the features model selection starts from
 
 
 def stack(rows: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
@@ -54,6 +73,7 @@ class Features:
     keys: list[str] = field(default_factory=list)
     concepts: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # every LoRA's layer (out, in): one base
 
     def select(self, keep: np.ndarray) -> Features:
         """The LoRAs picked by `keep` (a boolean mask or indices, in that order); errors are not kept."""
@@ -63,6 +83,7 @@ class Features:
             n=self.n[rows],
             keys=[self.keys[i] for i in rows],
             concepts=[self.concepts[i] for i in rows],
+            shapes=self.shapes,
         )
 
     def copies(self) -> dict[str, str]:
@@ -90,6 +111,7 @@ class Features:
             keys=[k for p in parts for k in p.keys],
             concepts=[c for p in parts for c in p.concepts],
             errors=errors,
+            shapes=parts[0].shapes,
         )
 
 
@@ -114,4 +136,15 @@ def voter_mismatch(got: dict[str, int], expected: dict[str, int]) -> str | None:
     if resized:
         v = resized[0]
         return f"feature sizes do not match the model (another rank?): {v} has {got[v]}, expected {expected[v]}"
+    return None
+
+
+def shape_mismatch(got: dict[str, tuple[int, int]], expected: dict[str, tuple[int, int]]) -> str | None:
+    """The first layer whose (out, in) differs from the model's: a LoRA of another base model, or None."""
+    for layer, shape in expected.items():
+        if layer in got and tuple(got[layer]) != tuple(shape):
+            return (
+                f"layer {layer} has shape {tuple(got[layer])}, the model's has {tuple(shape)} (out, in): "
+                "a LoRA of another base model, refused"
+            )
     return None

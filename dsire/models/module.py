@@ -2,7 +2,10 @@
 
 Lightning runs the featurisation: `predict_step` turns a batch of zoo items into per-voter
 feature vectors, computing spectra on the module's device (GPU when present) for items the
-cache did not have. Fitting is `fit(features)`: normalisation + one FAISS index per voter.
+cache did not have. Fitting is `fit(features)`: with `select` (model/select=auto), model selection on
+those LoRAs only (`dsire.models.select`), then normalisation + one FAISS index per chosen voter. With
+the answer `estimate` chosen, the predicted N is the zoo size nearest the size estimate; the vote's
+share and each voter's label still describe the vote.
 `test_step` featurises; at the end of a test run the held-out set (gathered from every rank under
 DDP) is predicted at once, and `test_features` and `test_results` (`dsire.models.metrics`) hold
 what callbacks and the runner report, computed once. The feature container is
@@ -14,15 +17,16 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from dsire.data.cache import SpectraCache
 from dsire.models.calibration import Calibration, Estimate, FitPredict, calibrate
 from dsire.models.config import ModelConfig
-from dsire.models.features import Features, FeatureSpec, gather_features, stack, voter_mismatch
+from dsire.models.features import ALL, Features, FeatureSpec, gather_features, shape_mismatch, stack, voter_mismatch
 from dsire.models.knn import KNNVote, Prediction
 from dsire.models.metrics import split_metrics
 from dsire.models.regression import SizeRegressor
+from dsire.models.select import Candidate, SelectConfig, Selection, select
 from dsire.settings import from_config
 from dsire.spectra import batch_spectra
 
@@ -45,17 +49,30 @@ class DSiReModule(pl.LightningModule):
         false_alarm: float = 0.05,
         calibration_folds: int = 5,
         calibration_points: int = 2000,
+        select: dict | None = None,
     ):
         super().__init__()
+        if isinstance(select, DictConfig):  # from Hydra: saved with the checkpoint as plain JSON
+            select = OmegaConf.to_container(select, resolve=True)
         self.save_hyperparameters()
         self.config = from_config(ModelConfig, OmegaConf.create(dict(self.hparams)), "model")  # names a bad key
-        self.spec = FeatureSpec(self.config.parts, num_sv)
+        self.selector = from_config(SelectConfig, select, "model.select") if select else None
+        if self.selector is not None and not self.selector.enabled:
+            self.selector = None
+        # the fixed configuration (model.parts, num_sv, normalisation, k, weighting); with selection the first candidate
+        c = self.config
+        self.chosen = Candidate(",".join(c.parts), num_sv, c.normalisation, c.k, c.weighting)
+        self.selection: Selection | None = None
+        # featurisation: the fixed voters, or with selection every part (the candidates are slices of them)
+        self.spec = FeatureSpec(self.config.parts, num_sv) if self.selector is None else ALL
         self.knn = self._new_knn()
         self.regressor = SizeRegressor()
         self.calibration: Calibration | None = None  # intervals and mismatch p-values; None below 2 concepts
         self.spectra_dtype = getattr(torch, spectra_dtype)
         self.cache: SpectraCache | None = None  # set by the runner to fill the cache on misses
         self.metadata: dict[str, str] = {}  # recipe facts saved with the checkpoint
+        self.shapes: dict[str, tuple[int, int]] = {}  # the fitted zoo's layer (out, in): its base model
+        self.inputs: dict[str, int] = {}  # featurised vectors' sizes, {"layer/part": d}: every LoRA must match
         self.computed = 0  # LoRAs whose spectra this module computed from their weights
         self.cached = 0  # LoRAs whose spectra came from the cache
         self._test = []
@@ -75,14 +92,19 @@ class DSiReModule(pl.LightningModule):
             todo, batch_spectra([i["lora"] for i in todo], self.device, self.spectra_dtype), strict=True
         ):
             item["spectra"] = spectra
+            item["shapes"] = {name: layer.shape for name, layer in item["lora"].layers.items()}
             if self.cache is not None:
-                self.cache.put(item["entry"], spectra)
+                self.cache.put(item["entry"], spectra, item["shapes"])
         rows = [self.spec.vectors(item["spectra"]) for item in good]
-        # a fitted model's voters and sizes, else the first LoRA's: every LoRA must match them
-        expected = self.knn.dims() or ({v: len(x) for v, x in rows[0].items()} if rows else {})
+        # a fitted model's vector sizes and layer shapes, else those of the first LoRA this module
+        # featurised: every LoRA must match them
+        if not self.shapes and good:
+            self.shapes, self.inputs = dict(good[0]["shapes"]), {v: len(x) for v, x in rows[0].items()}
         matching = []
         for item, row in zip(good, rows, strict=True):
-            problem = voter_mismatch({v: len(x) for v, x in row.items()}, expected)
+            problem = voter_mismatch({v: len(x) for v, x in row.items()}, self.inputs) or shape_mismatch(
+                item["shapes"], self.shapes
+            )
             if problem:
                 errors[item["key"]] = problem
             else:
@@ -96,6 +118,7 @@ class DSiReModule(pl.LightningModule):
             keys=[item["key"] for item in good],
             concepts=[item["concept"] for item in good],
             errors=errors,
+            shapes=dict(self.shapes),
         )
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> Features:
@@ -103,15 +126,29 @@ class DSiReModule(pl.LightningModule):
 
     # --- fitting and prediction ---------------------------------------------------------------
     def _new_knn(self) -> KNNVote:
-        h = self.hparams
-        return KNNVote(h.k, h.weighting, h.normalisation, h.use_faiss_gpu, h.index, h.index_search)
+        h, c = self.hparams, self.chosen
+        return KNNVote(c.k, c.weighting, c.normalisation, h.use_faiss_gpu, h.index, h.index_search)
+
+    def voters(self, vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The chosen voters from featurised vectors (without selection they are the voters)."""
+        return vectors if self.selector is None else self.chosen.spec().derive(vectors)
 
     def fit(self, features: Features) -> DSiReModule:
-        """The vote's indices, the size regression, and their calibration on held-out concepts."""
+        """Selection (if enabled) on these LoRAs only, then the vote's indices, the size regression, and
+        their calibration on held-out concepts."""
         if not features.keys:
             raise ValueError("no readable LoRAs to fit on")
-        self.knn.fit(features.vectors, features.n)
-        self.regressor.fit(features.vectors, features.n)
+        if self.selector is not None:
+            self.selection = select(features, self.chosen, self.selector)
+            self.chosen = self.selection.chosen
+            self.knn = self._new_knn()
+        vectors = self.voters(features.vectors)
+        self.knn.fit(vectors, features.n)
+        if self.selection is not None and self.selection.voter_weights is not None:
+            self.knn.voter_weights = self.selection.voter_weights
+        self.shapes = dict(features.shapes) or self.shapes
+        self.inputs = {v: x.shape[1] for v, x in features.vectors.items()}
+        self.regressor.fit(vectors, features.n)
         h = self.hparams
         self.calibration = calibrate(
             features.concepts,
@@ -126,27 +163,35 @@ class DSiReModule(pl.LightningModule):
 
     def _held_out(self, features: Features) -> FitPredict:
         """Fit on some of `features`, predict the others: log N̂ and nearest distance, as for a new LoRA."""
+        vectors = self.voters(features.vectors)
 
         def fit_predict(train: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            fit, test = features.select(train), features.select(held)
-            distance = self._new_knn().fit(fit.vectors, fit.n).predict(test.vectors).distance
-            return SizeRegressor().fit(fit.vectors, fit.n).predict_log(test.vectors), distance
+            fit = {v: x[train] for v, x in vectors.items()}
+            test = {v: x[held] for v, x in vectors.items()}
+            distance = self._new_knn().fit(fit, features.n[train]).predict(test).distance
+            return SizeRegressor().fit(fit, features.n[train]).predict_log(test), distance
 
         return fit_predict
 
     def check_voters(self, features: Features) -> None:
         """A clear error when the LoRAs' layers are not the ones the model was fitted on."""
-        problem = voter_mismatch({v: x.shape[1] for v, x in features.vectors.items()}, self.knn.dims())
+        problem = voter_mismatch({v: x.shape[1] for v, x in features.vectors.items()}, self.inputs)
         if features.keys and problem:
             raise ValueError(problem)
 
     def predict_features(self, features: Features) -> Prediction:
+        """The vote; with `answer=estimate` chosen, the zoo size nearest the size estimate answers."""
         self.check_voters(features)
-        return self.knn.predict(features.vectors)
+        vectors = self.voters(features.vectors)
+        prediction = self.knn.predict(vectors)
+        if self.chosen.answer == "estimate":
+            sizes, estimate = self.knn.sizes, self.regressor.predict(vectors)
+            prediction.n = sizes[np.abs(estimate[:, None] - sizes[None, :]).argmin(axis=1)]
+        return prediction
 
     def estimate(self, features: Features, prediction: Prediction) -> Estimate:
         """The regression estimate of N, its conformal interval, and the recipe-mismatch p-value."""
-        n = self.regressor.predict(features.vectors)
+        n = self.regressor.predict(self.voters(features.vectors))
         if self.calibration is None:
             unknown = np.full_like(n, np.nan)
             return Estimate(n, unknown, unknown, unknown, np.zeros(len(n), bool))
