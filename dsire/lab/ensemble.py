@@ -123,9 +123,16 @@ def train_on_all(model: nn.Module, examples: Examples, settings: FinetuneSetting
 
 
 def train_ensemble(
-    ensemble: Ensemble, examples: Examples, masks: torch.Tensor, seeds: Sequence[int], settings: FinetuneSettings
-) -> None:
-    """SGD on every model of `ensemble` at once, in place (see the module docstring)."""
+    ensemble: Ensemble,
+    examples: Examples,
+    masks: torch.Tensor,
+    seeds: Sequence[int],
+    settings: FinetuneSettings,
+    snapshots: Sequence[int] = (),
+) -> list[dict[str, torch.Tensor]]:
+    """SGD on every model of `ensemble` at once, in place (see the module docstring). Returns copies of
+    the trainable tensors after each step count in `snapshots` (0: before training), the checkpoints
+    that attribution needs along the trajectory."""
     indices = torch.stack(
         [
             batch_indices(mask, seed, settings.steps, settings.batch_size)
@@ -138,6 +145,7 @@ def train_ensemble(
     optimiser = torch.optim.SGD(
         param_groups(params, inputs, settings), momentum=settings.momentum, weight_decay=settings.weight_decay
     )
+    taken = {0: {n: p.detach().clone() for n, p in params.items()}} if 0 in snapshots else {}
     for step in range(settings.steps):
         idx = indices[:, step]
         logits = ensemble.per_model_logits(examples.take(idx).to(ensemble.device), {**frozen, **params})
@@ -146,7 +154,10 @@ def train_ensemble(
         optimiser.zero_grad(set_to_none=True)
         losses.view(idx.shape).mean(dim=1).sum().backward()
         optimiser.step()
+        if step + 1 in snapshots:
+            taken[step + 1] = {n: p.detach().clone() for n, p in params.items()}
     ensemble.stacked.update({n: p.detach() for n, p in params.items()})
+    return [taken[s] for s in snapshots]
 
 
 # opacus' own notices, not problems of this use: its RNG is seeded on purpose (reproducible runs, not
