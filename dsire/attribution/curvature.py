@@ -11,6 +11,7 @@ needed: Source is not one of them, and the influence function is the same formul
 from __future__ import annotations
 
 import copy
+import gc
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -114,14 +115,11 @@ def fit_factors(model: nn.Module, examples: Examples, modules: list[str], seed: 
     data = TensorDataset(inputs, examples.labels.to(device))
     task = _ClassificationTask(modules)
     prepared = prepare_model(copy.deepcopy(model), task)
-    with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
-        warnings.filterwarnings("ignore", message=".*GradScaler.*")  # kronfluence's AMP scaler, off on CPU
-        torch.manual_seed(seed)
-        analyzer = Analyzer("dsire", prepared, task, output_dir=directory, disable_tqdm=True, disable_model_save=True)
-        analyzer.fit_all_factors(
-            "ekfac", data, factor_args=FactorArguments(strategy="ekfac"), per_device_batch_size=256
-        )
-        loaded = analyzer.load_all_factors("ekfac")
+    gc.freeze()  # kronfluence calls gc.collect() between stages: with the process's objects frozen it stays cheap
+    try:
+        loaded = _kronfluence_factors(prepared, task, data, seed)
+    finally:
+        gc.unfreeze()
     factors, notes = {}, []
     for m in modules:
         eigenvalues, note = damped(loaded["lambda_matrix"][m].double() / loaded["num_lambda_processed"][m].double(), m)
@@ -130,6 +128,15 @@ def fit_factors(model: nn.Module, examples: Examples, modules: list[str], seed: 
             loaded["activation_eigenvectors"][m].double(), loaded["gradient_eigenvectors"][m].double(), eigenvalues
         )
     return factors, notes
+
+
+def _kronfluence_factors(model: nn.Module, task: Task, data: TensorDataset, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.filterwarnings("ignore", message=".*GradScaler.*")  # kronfluence's AMP scaler, off on CPU
+        torch.manual_seed(seed)
+        analyzer = Analyzer("dsire", model, task, output_dir=directory, disable_tqdm=True, disable_model_save=True)
+        analyzer.fit_all_factors("ekfac", data, factor_args=FactorArguments(strategy="ekfac"), per_device_batch_size=256)
+        return analyzer.load_all_factors("ekfac")
 
 
 def damped(eigenvalues: torch.Tensor, module: str) -> tuple[torch.Tensor, str | None]:
