@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch.nn.functional as F
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from safetensors.torch import load_file, save_file
-from torch import nn
 from torch.utils.data import TensorDataset
 
+from dsire.attribute import AttributionSettings, LDSSettings
 from dsire.attribution.curvature import (
     LayerFactors,
     _ClassificationTask,
@@ -36,6 +35,7 @@ from dsire.errors import UserError
 from dsire.lab.backbones import MLP
 from dsire.lab.data import Examples
 from dsire.lab.methods import FinetuneSettings
+from dsire.settings import from_config
 from tests.conftest import run_script
 
 
@@ -166,6 +166,7 @@ def test_lds_of_a_hand_computed_case() -> None:
     np.testing.assert_allclose(lds_per_query(scores, masks, outputs), [0.8, 0.0], atol=1e-12)
     assert mean_interval(np.full(7, 0.25), 100, 0) == pytest.approx((0.25, 0.25, 0.25))
     mean, low, high = mean_interval(np.arange(10.0), 2000, 0)
+    assert high == pytest.approx(9 - low, abs=0.3)  # symmetric about the mean
     assert mean == 4.5 and low == pytest.approx(4.5 - 1.96 * np.std(np.arange(10.0)) / np.sqrt(10), abs=0.3)
     assert subset_masks(5, 9, 0.5, 0).sum(1).tolist() == [4] * 5  # round(4.5) = 4: banker's rounding
     logits = torch.tensor([[[2.0, 0.0, 0.0]]])
@@ -177,3 +178,95 @@ def test_non_finite_curvature_is_damped_and_reported() -> None:
     assert eigenvalues.tolist() == [[1.0, 0.0], [0.0, 2.0]]
     assert note == "fc1: 2 of 4 curvature eigenvalues were not finite; set to 0 (damped)"
     assert damped(torch.ones(2, 2), "fc1")[1] is None
+
+
+def run_attribute(tmp_path: Path, *overrides: str):
+    return run_script(
+        "attribute.py", f"paths.cache_dir={tmp_path}/cache", f"paths.log_dir={tmp_path}/logs", "logger=csv", *overrides
+    )
+
+
+def run_dir(tmp_path: Path, name: str) -> Path:
+    (directory,) = (tmp_path / "logs" / name / "runs").iterdir()
+    return directory
+
+
+@pytest.fixture(scope="module")
+def digits_tiny(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("source")
+    result = run_attribute(tmp_path, "+experiment=source_digits_tiny")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path
+
+
+def test_source_digits_tiny_pinned_lds(digits_tiny: Path) -> None:
+    run = run_dir(digits_tiny, "source_digits_tiny")
+    report = json.loads((run / "lds.json").read_text())
+    expected = {"source": 0.644, "influence": 0.501, "tracin": 0.612, "gradient_similarity": 0.467, "random": -0.066}
+    assert list(report) == list(expected)
+    for method, value in expected.items():
+        assert report[method]["lds"] == pytest.approx(value, abs=0.02), method
+        assert report[method]["ci_low"] < report[method]["lds"] < report[method]["ci_high"]
+    scores = load_file(str(run / "scores.safetensors"))
+    truth = load_file(str(run / "lds_ground_truth.safetensors"))
+    assert scores["source"].shape == (8, 80) and truth["margins"].shape == (12, 1, 8)
+    for method, s in scores.items():  # the files recompute the report
+        per_query = lds_per_query(s.numpy(), truth["masks"].numpy().astype(bool), truth["margins"].mean(1).numpy())
+        assert per_query.mean() == pytest.approx(report[method]["lds"], abs=1e-6)
+    assert (run / "figures" / "attribution_top_k_source.png").is_file()
+    assert (run / "tables" / "lds.csv").is_file()
+
+
+def test_a_trajectory_of_other_data_or_another_model_is_refused(digits_tiny: Path) -> None:
+    (path,) = (digits_tiny / "cache" / "attribution").glob("trajectory_*.safetensors")
+    trajectory = load_trajectory(path)
+    assert trajectory.boundaries == [0, 30, 60] and trajectory.checkpoint_steps == [[8, 22], [38, 52]]
+    settings = FinetuneSettings(
+        **{**trajectory.settings, "target_modules": tuple(trajectory.settings["target_modules"])}
+    )
+    examples = digit_like(80, 0)
+    with pytest.raises(UserError, match="trained on lab recipe"):
+        check_matches(trajectory, "0123", examples, settings, "attribution.trajectory")
+    with pytest.raises(UserError, match="other private data"):
+        check_matches(trajectory, trajectory.recipe, examples, settings, "attribution.trajectory")
+    with pytest.raises(UserError, match="not parameters of this model"):
+        attribute(MLP(9, 6, 1, 3), trajectory, examples, examples, ("random",), None, 0)
+    with pytest.raises(UserError, match="query set is empty"):
+        attribute(MLP(9, 6, 1, 3), trajectory, examples, examples.subset(np.arange(0)), ("random",), None, 0)
+
+
+def test_one_line_errors(digits_tiny: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "plain.safetensors"
+    save_file({"fc1.weight": torch.zeros(2, 2)}, str(plain))
+    result = run_script(
+        "attribute.py",
+        "+experiment=source_digits_tiny",
+        f"paths.cache_dir={digits_tiny}/cache",
+        f"paths.log_dir={tmp_path}/logs",
+        "logger=csv",
+        f"attribution.trajectory={plain}",
+    )
+    message = f"error: {plain}: a checkpoint without its trajectory record"
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr
+    with pytest.raises(UserError, match=r"^attribution.queries: 0: the query set is empty; give at least 1$"):
+        from_config(AttributionSettings, {"queries": 0}, "attribution")
+    with pytest.raises(UserError, match=r"^lds.subsets: 2: a rank correlation needs at least 3 subsets$"):
+        from_config(LDSSettings, {"subsets": 2}, "lds")
+
+
+def test_source_two_stage_tiny_attributes_over_lora_parameters(digits_tiny: Path) -> None:
+    result = run_script(
+        "attribute.py",
+        "+experiment=source_two_stage_tiny",
+        f"paths.cache_dir={digits_tiny}/cache",  # the same public backbone: pretrained once
+        f"paths.log_dir={digits_tiny}/logs",
+        "logger=csv",
+        "attribution.methods=[source,influence]",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir(digits_tiny, "source_two_stage_tiny")
+    report = json.loads((run / "lds.json").read_text())
+    assert report["source"]["lds"] == pytest.approx(0.871, abs=0.02)  # LoRA A and B of fc2 and head only
+    assert report["influence"]["lds"] == pytest.approx(0.646, abs=0.02)
+    assert load_file(str(run / "scores.safetensors"))["source"].shape == (8, 80)
