@@ -135,7 +135,8 @@ def _kronfluence_factors(model: nn.Module, task: Task, data: TensorDataset, seed
         warnings.filterwarnings("ignore", message=".*GradScaler.*")  # kronfluence's AMP scaler, off on CPU
         torch.manual_seed(seed)
         analyzer = Analyzer("dsire", model, task, output_dir=directory, disable_tqdm=True, disable_model_save=True)
-        analyzer.fit_all_factors("ekfac", data, factor_args=FactorArguments(strategy="ekfac"), per_device_batch_size=256)
+        arguments = FactorArguments(strategy="ekfac")
+        analyzer.fit_all_factors("ekfac", data, factor_args=arguments, per_device_batch_size=256)
         return analyzer.load_all_factors("ekfac")
 
 
