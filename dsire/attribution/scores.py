@@ -46,7 +46,10 @@ def attribute(
     query_final = layer_gradients(final, queries, modules, loss=negative_margin)
     scores, notes = {}, []
     segments, tracin = [], torch.zeros(len(queries), len(train), dtype=torch.float64)
+    along = bool({"source", "tracin"} & set(methods))  # the methods that read the checkpoints
     for i, (checkpoints, duration) in enumerate(zip(trajectory.checkpoints, trajectory.durations(), strict=True)):
+        if not along:
+            break
         mean = {m: 0.0 for m in modules}
         for checkpoint in checkpoints:  # each checkpoint's gradients serve Source's mean and TracIn's sum
             model = model_at(template, checkpoint)
