@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from dsire.atomic import atomic_path, atomic_write_text
 from dsire.attribution.figures import top_k_grid
 from dsire.attribution.lds import lds_per_query, mean_interval, measured_outputs, subset_masks
+from dsire.attribution.removal import flip_rate, predictions, without_random, without_top
 from dsire.attribution.scores import METHODS
 from dsire.attribution.scores import attribute as attribute_scores
 from dsire.attribution.trajectory import (
@@ -33,12 +34,13 @@ from dsire.attribution.trajectory import (
     flip_labels,
     labels_hash,
     load_trajectory,
+    model_at,
     save_trajectory,
     train_trajectory,
 )
 from dsire.audit import _loggers, launch
 from dsire.errors import UserError
-from dsire.hashing import json_hash
+from dsire.hashing import json_hash, tensors_sha256
 from dsire.lab.build import Lab, build_lab
 from dsire.lab.data import Examples
 from dsire.lab.methods import adapt
@@ -93,9 +95,28 @@ class LDSSettings:
         require(self.resamples >= 1, "resamples", f"{self.resamples} must be at least 1")
 
 
+@dataclass(frozen=True)
+class RemovalSettings:
+    """`removal.*`: the subset-removal check (retrain without each query's top-scored examples)."""
+
+    fractions: tuple[float, ...] = (0.01, 0.05)  # of the training set, removed per query; () skips the check
+    methods: tuple[str, ...] = ("source", "influence")
+    seeds: int = 1
+
+    def __post_init__(self) -> None:
+        require(all(0 < f < 1 for f in self.fractions), "fractions", f"{self.fractions}: each must be in (0, 1)")
+        unknown = [m for m in self.methods if m not in METHODS]
+        require(not unknown, "methods", f"{unknown}; allowed: {', '.join(METHODS)}")
+        require(self.seeds >= 1, "seeds", f"{self.seeds} must be at least 1")
+
+
 def attribute(cfg: DictConfig) -> dict:
     settings = from_config(AttributionSettings, cfg.get("attribution"), "attribution")
     lds = from_config(LDSSettings, cfg.get("lds"), "lds")
+    removal = from_config(RemovalSettings, cfg.get("removal"), "removal")
+    missing = [m for m in removal.methods if m not in settings.methods]
+    if missing:
+        raise UserError("removal.methods", f"{missing} are not in attribution.methods {list(settings.methods)}")
     if cfg.lab.devices * cfg.lab.num_nodes != 1:
         raise UserError("lab.devices", "attribution runs in one process: lab.devices=1 lab.num_nodes=1")
     quiet_library_noise()
@@ -128,6 +149,9 @@ def attribute(cfg: DictConfig) -> dict:
             cache / f"lds_{key}_a{lds.alpha}_s{lds.seed}",
             lambda n: progress.advance(task_id, n),
         )
+        original = _predictions(template, trajectory, queries)
+        directory = cache / f"removal_{key}"
+        removed = _removal(lab, removal, result.scores, train, queries, original, lds, directory, progress)
     mean_outputs = outputs.mean(1).numpy()
     per_query = {m: lds_per_query(s.numpy(), masks, mean_outputs) for m, s in result.scores.items()}
     report = {m: _interval(v, lds) for m, v in per_query.items()}
@@ -139,10 +163,14 @@ def attribute(cfg: DictConfig) -> dict:
         "notes": result.notes,
         "flipped": [train.ids[i] for i in flipped],
         "lds": report,
+        "removal": removed,
     }
     atomic_write_text(out / "attribution.json", json.dumps(summary, indent=1))
     trainer = _loggers(cfg, out)
     log_metrics(trainer, {f"lds/{m}": r["lds"] for m, r in report.items()})
+    flips = {f"removal/{m}/{f}": r for m, rates in removed["flip_rate"].items() for f, r in rates.items()}
+    if flips:
+        log_metrics(trainer, flips)
     rows = [[m, r["lds"], r["ci_low"], r["ci_high"]] for m, r in report.items()]
     log_table(trainer, "lds", ["method", "lds", "ci_low", "ci_high"], rows, out)
     for method in [m for m in ("source", "influence") if m in result.scores]:
@@ -156,7 +184,53 @@ def attribute(cfg: DictConfig) -> dict:
     for m, r in report.items():
         table.add_row(m, f"{r['lds']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
     say(table)
+    for method, rates in removed["flip_rate"].items() if removal.fractions else ():
+        say(f"removal check, {method}: flip rate " + ", ".join(f"{r:.3f} at {f}" for f, r in rates.items()))
     say(f"results: {out / 'lds.json'}, {out / 'scores.safetensors'}, {out / 'figures'}")
+    return report
+
+
+def _predictions(template, trajectory: Trajectory, queries: Examples) -> torch.Tensor:
+    model = model_at(template, trajectory.final)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(queries.take(torch.arange(len(queries))).to(device)).argmax(-1).cpu()
+
+
+def _removal(
+    lab: Lab,
+    removal: RemovalSettings,
+    scores: dict[str, torch.Tensor],
+    train: Examples,
+    queries: Examples,
+    original: torch.Tensor,
+    lds: LDSSettings,
+    directory: Path,
+    progress: Progress,
+) -> dict:
+    """Flip rates after removing each query's top-scored examples (per method) or random ones."""
+    report: dict = {"removed": {}, "flip_rate": {m: {} for m in (*removal.methods, "random")}}
+    for fraction in removal.fractions:
+        count = max(1, round(fraction * len(train)))
+        report["removed"][str(fraction)] = count
+        masks = {m: without_top(scores[m], count) for m in removal.methods}
+        masks["random"] = without_random(len(queries), len(train), count, lds.seed)
+        for method, keep in masks.items():
+            task_id = progress.add_task(f"removal {method} {fraction}", total=len(queries) * removal.seeds)
+            predicted = measured_outputs(
+                lambda seed: adapt(lab.backbone, lab.finetune, seed),
+                train,
+                queries,
+                lab.finetune,
+                keep,
+                removal.seeds,
+                lds.ensemble_size,
+                directory / tensors_sha256({"keep": torch.from_numpy(keep)})[:16],
+                lambda n, t=task_id: progress.advance(t, n),
+                measure=predictions,
+            )
+            own = predicted[torch.arange(len(queries)), :, torch.arange(len(queries))]  # query q's own models
+            report["flip_rate"][method][str(fraction)] = flip_rate(own.long(), original, queries.labels)
     return report
 
 

@@ -215,6 +215,8 @@ def test_source_digits_tiny_pinned_lds(digits_tiny: Path) -> None:
         assert per_query.mean() == pytest.approx(report[method]["lds"], abs=1e-6)
     assert (run / "figures" / "attribution_top_k_source.png").is_file()
     assert (run / "tables" / "lds.csv").is_file()
+    removal = json.loads((run / "attribution.json").read_text())["removal"]
+    assert removal == {"removed": {"0.05": 4}, "flip_rate": {"source": {"0.05": 0.0}, "random": {"0.05": 0.0}}}
 
 
 def test_a_trajectory_of_other_data_or_another_model_is_refused(digits_tiny: Path) -> None:

@@ -53,10 +53,12 @@ def measured_outputs(
     ensemble_size: int,
     directory: Path,
     advance: Callable[[int], None] = lambda n: None,
+    measure: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = margins,
 ) -> torch.Tensor:
-    """[subsets, seeds, queries] query margins of models trained on each subset with each of `seeds`
-    seeds (`build(seed)`: the adapted, untrained model), `ensemble_size` models at a time; chunks
-    already in `directory` are read back, not retrained."""
+    """[subsets, seeds, queries] query outputs (`measure(logits, labels)`: margins unless given) of
+    models trained on each subset with each of `seeds` seeds (`build(seed)`: the adapted, untrained
+    model), `ensemble_size` models at a time; chunks already in `directory` are read back, not
+    retrained (a directory holds one measure's outputs)."""
     jobs = [(s, r) for s in range(len(masks)) for r in range(seeds)]
     out = torch.empty(len(masks), seeds, len(queries))
     for start in range(0, len(jobs), ensemble_size):
@@ -67,7 +69,7 @@ def measured_outputs(
             chunk_seeds = [1000 + s * seeds + r for s, r in chunk]
             mask = torch.as_tensor(masks[[s for s, _ in chunk]])
             ensemble, _ = train([build(seed) for seed in chunk_seeds], train_examples, mask, chunk_seeds, settings)
-            values = margins(ensemble.logits(queries), queries.labels)
+            values = measure(ensemble.logits(queries), queries.labels).float()
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 save_file({"margins": values.contiguous()}, str(tmp))
