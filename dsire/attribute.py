@@ -61,6 +61,7 @@ class AttributionSettings:
     queries: int = 50
     methods: tuple[str, ...] = METHODS
     influence_damping: float | None = None
+    source_damping: float = 0.0
     label_noise: float = 0.0
     top_k: int = 6
     figure_queries: int = 4
@@ -72,6 +73,7 @@ class AttributionSettings:
         unknown = [m for m in self.methods if m not in METHODS]
         require(not unknown and bool(self.methods), "methods", f"{unknown or 'none'}; allowed: {', '.join(METHODS)}")
         require(self.influence_damping is None or self.influence_damping > 0, "influence_damping", "must be positive")
+        require(self.source_damping >= 0, "source_damping", f"{self.source_damping} must be ≥ 0")
         require(0 <= self.label_noise < 1, "label_noise", f"{self.label_noise} is not in [0, 1)")
         require(self.top_k >= 1, "top_k", f"{self.top_k} must be at least 1")
 
@@ -130,7 +132,14 @@ def attribute(cfg: DictConfig) -> dict:
     trajectory = _trajectory(lab, settings, train, cache)
     say(f"trajectory: segments at steps {trajectory.boundaries}, η/(1−β) = {trajectory.learning_rate:.3g}")
     result = attribute_scores(
-        template, trajectory, train, queries, settings.methods, settings.influence_damping, settings.seed
+        template,
+        trajectory,
+        train,
+        queries,
+        settings.methods,
+        settings.influence_damping,
+        settings.seed,
+        settings.source_damping,
     )
     for note in result.notes:
         say(f"[yellow]curvature: {note}[/yellow]")

@@ -30,9 +30,12 @@ def attribute(
     methods: tuple[str, ...],
     damping: float | None,
     seed: int,
+    source_damping: float = 0.0,
 ) -> Attribution:
     """Scores of `methods` for the model `template` (adapted, untrained) trained along `trajectory`
-    on `train`, measured on `queries` (their negative margins at the final checkpoint)."""
+    on `train`, measured on `queries` (their negative margins at the final checkpoint). `damping` is the
+    influence function's (None: kronfluence's heuristic); `source_damping` is added to Source's
+    curvature (0: Source as derived, whose own damping is 1/(η̄K))."""
     if len(queries) == 0:
         raise UserError("attribution.queries", "the query set is empty: give at least one query")
     final = model_at(template, trajectory.final)
@@ -62,7 +65,7 @@ def attribute(
             middle = model_at(template, checkpoints[len(checkpoints) // 2])
             factors, layer_notes = fit_factors(middle, train, modules, seed + i)
             notes += [f"segment {i}: {n}" for n in layer_notes]
-            segments.append(Segment(duration, trajectory.settings["weight_decay"], factors, mean))
+            segments.append(Segment(duration, trajectory.settings["weight_decay"] + source_damping, factors, mean))
     if "source" in methods:
         scores["source"] = source_scores(query_final, segments, len(train))
     if "tracin" in methods:

@@ -30,7 +30,7 @@ class Segment:
     gradients averaged over its checkpoints {module: [examples, out, in]}."""
 
     duration: float
-    decay: float  # weight decay: adds to every curvature eigenvalue
+    decay: float  # weight decay (and any extra damping): adds to every curvature eigenvalue
     factors: Factors
     gradients: dict[str, torch.Tensor]
 
