@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -186,6 +187,7 @@ def attribute(cfg: DictConfig) -> dict:
         title = f"{method}: helpful | harmful"
         figure = top_k_grid(result.scores[method], train, queries, settings.top_k, settings.figure_queries, title)
         log_figure(trainer, f"attribution/top_k_{method}", figure, out)
+        plt.close(figure)
     finish_loggers(trainer)
     table = Table(title=f"LDS over {len(queries)} queries, {lds.subsets} subsets × {lds.seeds} seeds (95% bootstrap)")
     for column in ("method", "LDS", "95% interval"):
