@@ -78,7 +78,7 @@ def main() -> None:
     table = "\n".join(f"| {name} | {s:.2f} | {note} |" for name, s, note in rows)
     markdown = f"""## Attribution: Source vs the EK-FAC influence function
 
-`{command_line()}` on {platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads,
+`{command_line()}` on {platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s),
 torch {torch.__version__}; 1-minute load average when it started: {os.getloadavg()[0]:.1f}. Digits MLP
 (64 → 128 → 128 → 10, every layer tracked: {sum(g[0].numel() for g in grads.values())} parameters), {n}
 training examples, {q} queries, full fine-tune.
