@@ -173,6 +173,7 @@ def attribute(cfg: DictConfig) -> dict:
         "notes": result.notes,
         "flipped": [train.ids[i] for i in flipped],
         "lds": report,
+        "source_minus": _paired(per_query, lds),
         "removal": removed,
     }
     atomic_write_text(out / "attribution.json", json.dumps(summary, indent=1))
@@ -199,6 +200,14 @@ def attribute(cfg: DictConfig) -> dict:
         say(f"removal check, {method}: flip rate " + ", ".join(f"{r:.3f} at {f}" for f, r in rates.items()))
     say(f"results: {out / 'lds.json'}, {out / 'scores.safetensors'}, {out / 'figures'}")
     return report
+
+
+def _paired(per_query: dict[str, np.ndarray], lds: LDSSettings) -> dict[str, dict[str, float]]:
+    """Source's LDS minus each other method's, query by query, with its bootstrap interval: the paired
+    comparison is sharper than two overlapping intervals."""
+    if "source" not in per_query:
+        return {}
+    return {m: _interval(per_query["source"] - v, lds) for m, v in per_query.items() if m != "source"}
 
 
 def _predictions(template, trajectory: Trajectory, queries: Examples) -> torch.Tensor:
