@@ -215,7 +215,10 @@ def test_source_digits_tiny_pinned_lds(digits_tiny: Path) -> None:
         assert per_query.mean() == pytest.approx(report[method]["lds"], abs=1e-6)
     assert (run / "figures" / "attribution_top_k_source.png").is_file()
     assert (run / "tables" / "lds.csv").is_file()
-    removal = json.loads((run / "attribution.json").read_text())["removal"]
+    summary = json.loads((run / "attribution.json").read_text())
+    paired = summary["source_minus"]["influence"]["lds"]
+    assert paired == pytest.approx(report["source"]["lds"] - report["influence"]["lds"], abs=1e-9)
+    removal = summary["removal"]
     assert removal == {"removed": {"0.05": 4}, "flip_rate": {"source": {"0.05": 0.0}, "random": {"0.05": 0.0}}}
 
 
