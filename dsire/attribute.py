@@ -39,13 +39,20 @@ from dsire.attribution.trajectory import (
     save_trajectory,
     train_trajectory,
 )
-from dsire.audit import _loggers, launch
 from dsire.errors import UserError
 from dsire.hashing import json_hash, tensors_sha256
-from dsire.lab.build import Lab, build_lab
+from dsire.lab.build import Lab, build_lab, launch
 from dsire.lab.data import Examples
 from dsire.lab.methods import adapt
-from dsire.loggers import Report, finish_loggers, log_figure, log_metrics, log_table, quiet_library_noise
+from dsire.loggers import (
+    Report,
+    finish_loggers,
+    job_loggers,
+    log_figure,
+    log_metrics,
+    log_table,
+    quiet_library_noise,
+)
 from dsire.settings import from_config, require
 
 PIPED_WIDTH = None if sys.stdout.isatty() else 160
@@ -177,7 +184,7 @@ def attribute(cfg: DictConfig) -> dict:
         "removal": removed,
     }
     atomic_write_text(out / "attribution.json", json.dumps(summary, indent=1))
-    trainer = _loggers(cfg, out)
+    trainer = job_loggers(cfg, out)
     log_metrics(trainer, {f"lds/{m}": r["lds"] for m, r in report.items()})
     flips = {f"removal/{m}/{f}": r for m, rates in removed["flip_rate"].items() for f, r in rates.items()}
     if flips:
