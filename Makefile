@@ -12,6 +12,7 @@ $(BIN)/dsire: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps "kronfluence==1.0.1"  # without its torchvision requirement
 	touch $@
 
 # The main job: fit and evaluate DSiRe on the bundled zoo (W&B offline unless you are logged in).

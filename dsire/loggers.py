@@ -13,11 +13,12 @@ import os
 import warnings
 from pathlib import Path
 
+import hydra
 import lightning.pytorch as pl
 from lightning.pytorch import loggers
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from dsire.atomic import atomic_write_text, csv_text
@@ -141,3 +142,12 @@ class Report:
         text.print(renderable)
         for line in text.file.getvalue().rstrip().splitlines():
             log.info(line)
+
+
+def job_loggers(cfg: DictConfig, out: Path) -> pl.Trainer:
+    """A trainer that only holds the configured loggers (W&B offline unless logged in, CSV, TensorBoard)."""
+    prepare_wandb(out)
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = pl.Trainer(logger=loggers or False, accelerator="cpu", devices=1, enable_progress_bar=False)
+    log_run_settings(trainer, OmegaConf.to_container(cfg, resolve=True))
+    return trainer

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from lightning.fabric import Fabric
 from omegaconf import DictConfig
 from torch import nn
 
 from dsire.distributed import one_rank_at_a_time
+from dsire.errors import UserError
 from dsire.hashing import json_hash
 from dsire.lab.backbones import BackboneSettings
 from dsire.lab.data import Task, TaskSettings, load_task
@@ -42,3 +44,18 @@ def build_lab(cfg: DictConfig, device: torch.device | str = "cpu") -> Lab:
     for _ in one_rank_at_a_time():
         model = pretrained_backbone(task, backbone, pretrain, lab_dir / f"backbone_{recipe}.safetensors", device)
     return Lab(task, model, finetune, recipe, lab_dir / "records")
+
+
+def launch(cfg: DictConfig) -> Fabric:
+    """`lab.devices` × `lab.num_nodes` processes (Lightning DDP) that share out the models to train."""
+    processes = cfg.devices * cfg.num_nodes
+    if cfg.devices < 1 or cfg.num_nodes < 1:
+        raise UserError("lab.devices", f"{cfg.devices} devices × {cfg.num_nodes} nodes: both must be ≥ 1")
+    fabric = Fabric(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy="ddp" if processes > 1 else "auto",
+    )
+    fabric.launch()
+    return fabric

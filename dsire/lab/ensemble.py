@@ -123,9 +123,16 @@ def train_on_all(model: nn.Module, examples: Examples, settings: FinetuneSetting
 
 
 def train_ensemble(
-    ensemble: Ensemble, examples: Examples, masks: torch.Tensor, seeds: Sequence[int], settings: FinetuneSettings
-) -> None:
-    """SGD on every model of `ensemble` at once, in place (see the module docstring)."""
+    ensemble: Ensemble,
+    examples: Examples,
+    masks: torch.Tensor,
+    seeds: Sequence[int],
+    settings: FinetuneSettings,
+    snapshots: Sequence[int] = (),
+) -> list[dict[str, torch.Tensor]]:
+    """SGD on every model of `ensemble` at once, in place (see the module docstring). Returns copies of
+    the trainable tensors after each step count in `snapshots` (0: before training), the checkpoints
+    that attribution needs along the trajectory."""
     indices = torch.stack(
         [
             batch_indices(mask, seed, settings.steps, settings.batch_size)
@@ -139,6 +146,11 @@ def train_ensemble(
     optimiser = torch.optim.SGD(
         param_groups(params, inputs, settings), momentum=settings.momentum, weight_decay=settings.weight_decay
     )
+
+    def current() -> dict[str, torch.Tensor]:  # the trainable tensors now, in the ensemble's layout
+        return {n: _contiguous(p.detach(), n in transposed) for n, p in params.items()}
+
+    taken = {0: current()} if 0 in snapshots else {}
     for step in range(settings.steps):
         idx = indices[:, step]
         weights = {n: p.mT if n in transposed else p for n, p in params.items()}
@@ -148,7 +160,10 @@ def train_ensemble(
         optimiser.zero_grad(set_to_none=True)
         losses.view(idx.shape).mean(dim=1).sum().backward()
         optimiser.step()
-    ensemble.stacked.update({n: _contiguous(p.detach(), n in transposed) for n, p in params.items()})
+        if step + 1 in snapshots:
+            taken[step + 1] = current()
+    ensemble.stacked.update(current())
+    return [taken[s] for s in snapshots]
 
 
 def _contiguous(tensor: torch.Tensor, transpose: bool) -> torch.Tensor:
