@@ -64,7 +64,7 @@ def test_conv_layers_are_flattened(unet_finetune: FineTune, tmp_path):
 
 
 def test_rslora_scale(tmp_path):
-    from conftest import make_finetune, tiny_unet
+    from tests.conftest import make_finetune, tiny_unet
     from peft import LoraConfig
 
     finetune = make_finetune(
