@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from dsire.data.splits import kfold
 from dsire.models.features import PARTS, Features, FeatureSpec
@@ -137,7 +138,15 @@ class Selection:
 
 
 def select(features: Features, fixed: Candidate, config: SelectConfig) -> Selection:
-    """The grid's best configuration for these LoRAs (a training set), by inner concept-grouped CV."""
+    """The grid's best configuration for these LoRAs (a training set), by inner concept-grouped CV.
+
+    One BLAS thread: the many small products gain nothing from more, and on a busy machine idle
+    threads spinning for work cost more than the products."""
+    with threadpool_limits(1):
+        return _select(features, fixed, config)
+
+
+def _select(features: Features, fixed: Candidate, config: SelectConfig) -> Selection:
     features = _sample(features, config.points)
     concepts = sorted(set(features.concepts))
     if len(concepts) < 2:
