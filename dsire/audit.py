@@ -11,11 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-import hydra
 import lightning.pytorch as pl
 import matplotlib.pyplot as plt
 from lightning.fabric import Fabric
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.progress import Progress
 from rich.table import Table
 
@@ -27,8 +26,7 @@ from dsire.loggers import (
     finish_loggers,
     log_figure,
     log_metrics,
-    log_run_settings,
-    prepare_wandb,
+    logging_trainer,
     quiet_library_noise,
 )
 from dsire.privacy.figures import auc_vs_rank, noise_vs_rank, roc_curves
@@ -64,7 +62,7 @@ def _membership(cfg: DictConfig, lab: Lab, settings: MembershipSettings, reporte
     if not reporter:
         return {}
     out = Path(cfg.paths.output_dir)
-    trainer = _loggers(cfg, out)
+    trainer = logging_trainer(cfg, out)
     report = _write_membership(results, lab.task.private.ids, out, trainer, say)
     finish_loggers(trainer)
     return report
@@ -73,7 +71,7 @@ def _membership(cfg: DictConfig, lab: Lab, settings: MembershipSettings, reporte
 def _noise(cfg: DictConfig, lab: Lab, settings: NoiseSettings) -> dict:
     report = run_noise(lab, settings)
     out = Path(cfg.paths.output_dir)
-    trainer = _loggers(cfg, out)
+    trainer = logging_trainer(cfg, out)
     _write_noise(report, out, trainer, Report(quiet=False, width=PIPED_WIDTH))
     finish_loggers(trainer)
     return report
@@ -92,15 +90,6 @@ def launch(cfg: DictConfig) -> Fabric:
     )
     fabric.launch()
     return fabric
-
-
-def _loggers(cfg: DictConfig, out: Path) -> pl.Trainer:
-    """A trainer that only holds the configured loggers (W&B offline unless logged in, CSV, TensorBoard)."""
-    prepare_wandb(out)
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer = pl.Trainer(logger=loggers or False, accelerator="cpu", devices=1, enable_progress_bar=False)
-    log_run_settings(trainer, OmegaConf.to_container(cfg, resolve=True))
-    return trainer
 
 
 def _write_membership(

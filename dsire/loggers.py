@@ -13,11 +13,12 @@ import os
 import warnings
 from pathlib import Path
 
+import hydra
 import lightning.pytorch as pl
 from lightning.pytorch import loggers
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from dsire.atomic import atomic_write_text, csv_text
@@ -117,6 +118,16 @@ def log_table(trainer: pl.Trainer, key: str, columns: list[str], rows: list[list
         elif isinstance(logger, CSVLogger):
             atomic_write_text(Path(logger.log_dir) / path.name, text)
     return path
+
+
+def logging_trainer(cfg: DictConfig, out: Path) -> pl.Trainer:
+    """For analysis jobs that train outside Lightning: a trainer that only holds the configured loggers
+    (`cfg.logger`: W&B offline unless logged in, CSV, TensorBoard), every setting of `cfg` logged."""
+    prepare_wandb(out)
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = pl.Trainer(logger=loggers or False, accelerator="cpu", devices=1, enable_progress_bar=False)
+    log_run_settings(trainer, OmegaConf.to_container(cfg, resolve=True))
+    return trainer
 
 
 def finish_loggers(trainer: pl.Trainer) -> None:

@@ -1,0 +1,177 @@
+"""`unlearn.py`'s job: fit a model of per-cluster adapters, or forget private examples from one.
+
+Without `ckpt`: fit on the task's private split and write `<run>/model.safetensors` and `fit.json`.
+With `ckpt=MODEL forget=IDS.csv`: `mode=forget` retrains only the clusters that lose examples,
+`mode=retrain` trains every cluster from scratch on the remaining data with the same recipe; both
+write the new model (to `out`, default `<run>/model.safetensors`, atomically, so `out=MODEL`
+replaces the old one only once the new one is whole) and `receipt.json` beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dsire.atomic import atomic_write_text
+from dsire.errors import UserError
+from dsire.hashing import file_sha256, tensors_sha256
+from dsire.lab.build import Lab, build_lab
+from dsire.loggers import Report, finish_loggers, log_metrics, logging_trainer, quiet_library_noise
+from dsire.settings import from_config
+from dsire.unlearning.adapters import fit, forget, predict_logits
+from dsire.unlearning.clusters import ClusterSettings
+from dsire.unlearning.model import UnlearnableModel, load_model, save_model
+
+MODES = ("forget", "retrain")
+log = logging.getLogger(__name__)
+
+
+def unlearn(cfg: DictConfig) -> dict:
+    if cfg.get("mode") not in MODES:
+        raise UserError("mode", f"{cfg.get('mode')!r} is not one of {', '.join(MODES)}")
+    quiet_library_noise()
+    torch.use_deterministic_algorithms(True)  # forget must equal retrain bit for bit
+    if cfg.get("ckpt") is None:
+        if cfg.get("forget") is not None:
+            raise UserError("forget", "needs ckpt=MODEL, the model to forget from")
+        return _fit(cfg)
+    return _forget(cfg)
+
+
+def _progress(cluster: int, members: int) -> None:
+    log.info(f"training cluster {cluster} on {members} examples")
+
+
+def _fit(cfg: DictConfig) -> dict:
+    clustering = from_config(ClusterSettings, cfg.unlearning.clustering, "unlearning.clustering")
+    lab = build_lab(cfg)
+    recipe = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("task", "finetune", "unlearning")}
+    started = time.perf_counter()
+    model = fit(lab, clustering, recipe, progress=_progress)
+    seconds = time.perf_counter() - started
+    out = Path(cfg.paths.output_dir)
+    save_model(model, _model_path(cfg))
+    report = {
+        "test_accuracy": accuracy(model, lab),
+        "clusters": len(model.prototypes),
+        "clusters_with_members": len(model.alive),
+        "members": {str(c): len(ids) for c, ids in model.members.items()},
+        "parameters_per_cluster": model.adapter_parameters(model.alive[0]),
+        "parameters_backbone": sum(p.numel() for p in lab.backbone.parameters()),
+        "seconds": seconds,
+    }
+    atomic_write_text(out / "fit.json", json.dumps(report, indent=1))
+    trainer = logging_trainer(cfg, out)
+    log_metrics(trainer, {k: v for k, v in report.items() if isinstance(v, int | float)})
+    finish_loggers(trainer)
+    say = Report(quiet=False)
+    say(
+        f"{len(model.alive)} clusters with private members of {len(model.prototypes)}; test accuracy "
+        f"{report['test_accuracy']:.4f}; model: {_model_path(cfg)}"
+    )
+    return report
+
+
+def _forget(cfg: DictConfig) -> dict:
+    ckpt = Path(cfg.ckpt)
+    old_hash = file_sha256(ckpt) if ckpt.is_file() else None
+    old = load_model(ckpt)
+    lab = lab_of(old, cfg)
+    clustering = from_config(ClusterSettings, old.config["unlearning"]["clustering"], "unlearning.clustering")
+    requested = [] if cfg.get("forget") is None else read_ids(Path(cfg.forget), lab.task.private.ids)
+    if cfg.get("forget") is None and cfg.mode == "forget":
+        raise UserError("forget", "missing; give the CSV of examples to forget (forget=IDS.csv, column `example`)")
+    started = time.perf_counter()
+    if cfg.mode == "forget":
+        result = forget(old, lab, clustering, requested, progress=_progress)
+        new, retrained, removed = result.model, result.retrained, result.removed
+        reprocessed, forgotten, already = result.examples_reprocessed, result.forgotten, result.already_forgotten
+    else:
+        unique = list(dict.fromkeys(requested))
+        forgotten = [e for e in unique if e not in old.forgotten]
+        already = [e for e in unique if e in old.forgotten]
+        new = fit(lab, clustering, old.config, set(old.forgotten) | set(unique), progress=_progress)
+        retrained, removed = new.alive, sorted(set(old.alive) - set(new.alive))
+        reprocessed = sum(len(ids) for ids in new.members.values())
+    seconds = time.perf_counter() - started
+    path = _model_path(cfg)
+    save_model(new, path)
+    receipt = {
+        "mode": cfg.mode,
+        "request": str(cfg.get("forget")),
+        "examples_forgotten": forgotten,
+        "already_forgotten": already,
+        "duplicates_ignored": len(requested) - len(dict.fromkeys(requested)),
+        "clusters_retrained": retrained,
+        "clusters_removed": removed,
+        "parameters_retrained": sum(new.adapter_parameters(c) for c in retrained),
+        "parameters_total": sum(new.adapter_parameters(c) for c in new.alive)
+        + sum(p.numel() for p in lab.backbone.parameters()),
+        "examples_reprocessed": reprocessed,
+        "seconds": seconds,
+        "old_model": str(ckpt),
+        "old_model_sha256": old_hash,
+        "new_model": str(path),
+        "new_model_sha256": file_sha256(path),
+        "test_accuracy": accuracy(new, lab),
+    }
+    atomic_write_text(path.parent / "receipt.json", json.dumps(receipt, indent=1))
+    Report(quiet=False)(
+        f"forgot {len(forgotten)} examples: retrained clusters {retrained} ({receipt['parameters_retrained']} of "
+        f"{receipt['parameters_total']} parameters) in {seconds:.2f} s; removed clusters {removed}; "
+        f"receipt: {path.parent / 'receipt.json'}"
+    )
+    return receipt
+
+
+def lab_of(model: UnlearnableModel, cfg: DictConfig) -> Lab:
+    """The lab the model was fitted in (its stored task and fine-tune settings, this run's paths),
+    refused unless its backbone is the very one the model's adapters were trained on."""
+    settings = {"task": model.config["task"], "finetune": model.config["finetune"], "paths": cfg.paths}
+    lab = build_lab(OmegaConf.create(settings))
+    if lab.recipe != model.recipe or tensors_sha256(lab.backbone.state_dict()) != model.backbone_sha256:
+        raise UserError("ckpt", f"{cfg.ckpt}: its public backbone cannot be rebuilt here (another recipe or code)")
+    return lab
+
+
+def read_ids(path: Path, private_ids: list[str]) -> list[str]:
+    """The private ids listed in the CSV's `example` column, each an id (`digits/17`) or the file name
+    of exactly one private example; in file order, duplicates kept (the caller counts them)."""
+    if not path.is_file():
+        raise UserError("forget", f"{path} is not a file (a CSV with an `example` column)")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if "example" not in (reader.fieldnames or []):
+            raise UserError(str(path), f"no `example` column (columns: {reader.fieldnames or 'none'})")
+        listed = [(line, row["example"]) for line, row in enumerate(reader, start=2)]
+    known = set(private_ids)
+    by_name: dict[str, list[str]] = {}
+    for example in private_ids:
+        by_name.setdefault(Path(example).name, []).append(example)
+    ids = []
+    for line, value in listed:
+        if value in known:
+            ids.append(value)
+        elif len(by_name.get(value, [])) == 1:
+            ids.append(by_name[value][0])
+        elif value in by_name:
+            raise UserError(
+                str(path), f"line {line}: {value!r} names {len(by_name[value])} private examples; give its id"
+            )
+        else:
+            raise UserError(str(path), f"line {line}: {value!r} is not a private example of the model's task")
+    return ids
+
+
+def accuracy(model: UnlearnableModel, lab: Lab) -> float:
+    return float((predict_logits(model, lab, lab.task.test).argmax(1) == lab.task.test.labels).float().mean())
+
+
+def _model_path(cfg: DictConfig) -> Path:
+    return Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "model.safetensors"
