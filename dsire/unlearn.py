@@ -12,23 +12,29 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
-import torch
+import lightning.pytorch as pl
+import matplotlib.pyplot as plt
 from omegaconf import DictConfig, OmegaConf
+from rich.table import Table
 
 from dsire.atomic import atomic_write_text
 from dsire.errors import UserError
 from dsire.hashing import file_sha256, tensors_sha256
 from dsire.lab.build import Lab, build_lab
-from dsire.loggers import Report, finish_loggers, log_metrics, logging_trainer, quiet_library_noise
+from dsire.loggers import Report, finish_loggers, log_figure, log_metrics, logging_trainer, quiet_library_noise
 from dsire.settings import from_config
-from dsire.unlearning.adapters import fit, forget, predict_logits
+from dsire.unlearning.adapters import deterministic, fit, forget, predict_logits
 from dsire.unlearning.clusters import ClusterSettings
+from dsire.unlearning.evaluation import EvaluationSettings, evaluate
+from dsire.unlearning.figures import METHODS, accuracy_vs_forgotten, cost_per_request
 from dsire.unlearning.model import UnlearnableModel, load_model, save_model
 
 MODES = ("forget", "retrain")
+PIPED_WIDTH = None if sys.stdout.isatty() else 160  # piped output: whole tables, never cropped columns
 log = logging.getLogger(__name__)
 
 
@@ -36,12 +42,10 @@ def unlearn(cfg: DictConfig) -> dict:
     if cfg.get("mode") not in MODES:
         raise UserError("mode", f"{cfg.get('mode')!r} is not one of {', '.join(MODES)}")
     quiet_library_noise()
-    torch.use_deterministic_algorithms(True)  # forget must equal retrain bit for bit
-    if cfg.get("ckpt") is None:
-        if cfg.get("forget") is not None:
-            raise UserError("forget", "needs ckpt=MODEL, the model to forget from")
-        return _fit(cfg)
-    return _forget(cfg)
+    if cfg.get("ckpt") is None and cfg.get("forget") is not None:
+        raise UserError("forget", "needs ckpt=MODEL, the model to forget from")
+    with deterministic():
+        return _fit(cfg) if cfg.get("ckpt") is None else _forget(cfg)
 
 
 def _progress(cluster: int, members: int) -> None:
@@ -50,6 +54,9 @@ def _progress(cluster: int, members: int) -> None:
 
 def _fit(cfg: DictConfig) -> dict:
     clustering = from_config(ClusterSettings, cfg.unlearning.clustering, "unlearning.clustering")
+    evaluation = (
+        None if cfg.get("evaluation") is None else from_config(EvaluationSettings, cfg.evaluation, "evaluation")
+    )
     lab = build_lab(cfg)
     recipe = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("task", "finetune", "unlearning")}
     started = time.perf_counter()
@@ -69,9 +76,10 @@ def _fit(cfg: DictConfig) -> dict:
     atomic_write_text(out / "fit.json", json.dumps(report, indent=1))
     trainer = logging_trainer(cfg, out)
     log_metrics(trainer, {k: v for k, v in report.items() if isinstance(v, int | float)})
+    if evaluation is not None:
+        _write_evaluation(evaluate(lab, model, clustering, evaluation, seconds), out, trainer)
     finish_loggers(trainer)
-    say = Report(quiet=False)
-    say(
+    Report(quiet=False, width=PIPED_WIDTH)(
         f"{len(model.alive)} clusters with private members of {len(model.prototypes)}; test accuracy "
         f"{report['test_accuracy']:.4f}; model: {_model_path(cfg)}"
     )
@@ -122,12 +130,39 @@ def _forget(cfg: DictConfig) -> dict:
         "test_accuracy": accuracy(new, lab),
     }
     atomic_write_text(path.parent / "receipt.json", json.dumps(receipt, indent=1))
-    Report(quiet=False)(
+    Report(quiet=False, width=PIPED_WIDTH)(
         f"forgot {len(forgotten)} examples: retrained clusters {retrained} ({receipt['parameters_retrained']} of "
         f"{receipt['parameters_total']} parameters) in {seconds:.2f} s; removed clusters {removed}; "
         f"receipt: {path.parent / 'receipt.json'}"
     )
     return receipt
+
+
+def _write_evaluation(report: dict, out: Path, trainer: pl.Trainer) -> None:
+    atomic_write_text(out / "unlearning.json", json.dumps(report, indent=1))
+    for key, draw in (("unlearning/accuracy", accuracy_vs_forgotten), ("unlearning/cost", cost_per_request)):
+        figure = draw(report)
+        log_figure(trainer, key, figure, out)
+        plt.close(figure)
+    log_metrics(trainer, {f"unlearning/{k}": v for k, v in report["goals"].items()})
+    table = Table(title="accuracy before and after forgetting (test split)")
+    for column in ("deletion", "examples", *METHODS):
+        table.add_column(column)
+    table.add_row("none", "0", *(f"{report['accuracy_before'][m]:.4f}" for m in METHODS))
+    for row in report["deletions"]:
+        cells = (f"{row['accuracy'][m]:.4f}" for m in METHODS)
+        table.add_row(f"{row['kind']} {row['fraction']:.2f}", str(row["examples"]), *cells)
+    costs = Table(title="cost of forgetting one example (mean over requests)")
+    for column in ("method", "parameters retrained", "seconds", "examples reprocessed"):
+        costs.add_column(column)
+    for name, cost in report["cost_per_request"].items():
+        costs.add_row(
+            name, f"{cost['parameters_retrained']:.0f}", f"{cost['seconds']:.3f}", f"{cost['examples_reprocessed']:.0f}"
+        )
+    say = Report(quiet=False, width=PIPED_WIDTH)
+    say(table)
+    say(costs)
+    say(f"results: {out / 'unlearning.json'}, {out / 'figures'}")
 
 
 def lab_of(model: UnlearnableModel, cfg: DictConfig) -> Lab:

@@ -15,7 +15,8 @@ same bits as when retrained alone. One fixed arrangement, every cluster alone, r
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,18 @@ from dsire.lab.ensemble import train
 from dsire.lab.methods import FinetuneSettings, adapt
 from dsire.unlearning.clusters import ClusterSettings, features, fit_prototypes, route
 from dsire.unlearning.model import UnlearnableModel
+
+
+@contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic algorithms on inside (forget must equal retrain bit for bit), as before after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
 
 Progress = Callable[[int, int], None]  # (cluster, members) as each cluster starts training
 
@@ -174,13 +187,13 @@ def predict_logits(model: UnlearnableModel, lab: Lab, examples: Examples) -> tor
     logits = torch.empty(len(examples), lab.task.classes)
     for cluster in routed.unique().tolist():
         chosen = routed == cluster
-        module = lab.backbone if cluster < 0 else cluster_model(model, lab, cluster)
+        module = lab.backbone if cluster < 0 else trained_module(lab, model.seeds[cluster], model.states[cluster])
         logits[chosen] = module(inputs[chosen].to(device)).cpu()
     return logits
 
 
-def cluster_model(model: UnlearnableModel, lab: Lab, cluster: int) -> nn.Module:
-    """Cluster `cluster`'s trained adapter on the backbone, as an ordinary module."""
-    module = cluster_module(lab.backbone, lab.finetune, model.seeds[cluster])
-    module.load_state_dict(model.states[cluster], strict=False)
+def trained_module(lab: Lab, seed: int, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A trained adapter (its seed and trainable tensors) on the backbone, as an ordinary module."""
+    module = cluster_module(lab.backbone, lab.finetune, seed)
+    module.load_state_dict(state, strict=False)
     return module.eval()
