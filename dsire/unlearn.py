@@ -77,7 +77,7 @@ def _fit(cfg: DictConfig) -> dict:
     trainer = logging_trainer(cfg, out)
     log_metrics(trainer, {k: v for k, v in report.items() if isinstance(v, int | float)})
     if evaluation is not None:
-        _write_evaluation(evaluate(lab, model, clustering, evaluation, seconds), out, trainer)
+        _write_evaluation(evaluate(lab, model, clustering, evaluation), out, trainer)
     finish_loggers(trainer)
     Report(quiet=False, width=PIPED_WIDTH)(
         f"{len(model.alive)} clusters with private members of {len(model.prototypes)}; test accuracy "
@@ -152,13 +152,12 @@ def _write_evaluation(report: dict, out: Path, trainer: pl.Trainer) -> None:
     for row in report["deletions"]:
         cells = (f"{row['accuracy'][m]:.4f}" for m in METHODS)
         table.add_row(f"{row['kind']} {row['fraction']:.2f}", str(row["examples"]), *cells)
-    costs = Table(title="cost of forgetting one example (mean over requests)")
-    for column in ("method", "parameters retrained", "seconds", "examples reprocessed"):
-        costs.add_column(column)
+    costs = Table(title="cost of forgetting one example (median over requests)")
+    keys = ("parameters_retrained", "seconds", "cpu_seconds", "examples_reprocessed")
+    for column in ("method", *keys):
+        costs.add_column(column.replace("_", " "))
     for name, cost in report["cost_per_request"].items():
-        costs.add_row(
-            name, f"{cost['parameters_retrained']:.0f}", f"{cost['seconds']:.3f}", f"{cost['examples_reprocessed']:.0f}"
-        )
+        costs.add_row(name, *(f"{cost[k]:.3f}" if "seconds" in k else f"{cost[k]:.0f}" for k in keys))
     say = Report(quiet=False, width=PIPED_WIDTH)
     say(table)
     say(costs)

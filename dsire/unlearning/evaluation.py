@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -28,8 +30,11 @@ from dsire.lab.methods import FinetuneSettings, adapt
 from dsire.settings import require
 from dsire.unlearning.adapters import fit, forget, predict_logits, train_cluster, trained_module
 from dsire.unlearning.clusters import ClusterSettings
+from dsire.unlearning.membership import audit_forgotten
 from dsire.unlearning.model import UnlearnableModel
 
+COSTED = ("per_cluster", "sisa", "retrain_private_stage", "global_adapter", "full_finetune")
+T = TypeVar("T")
 GLOBAL = -1  # the cluster index of the global adapter (its seed is then not any cluster's)
 
 
@@ -39,17 +44,17 @@ class EvaluationSettings:
 
     fractions: tuple[float, ...] = (0.1, 0.25, 0.5)
     requests: int = 5  # single-example forget requests timed for the cost table
+    resamples: int = 1000  # bootstrap resamples of the membership audit's intervals
     seed: int = 0
 
     def __post_init__(self) -> None:
         require(all(0 < f < 1 for f in self.fractions), "fractions", f"{list(self.fractions)}: each in (0, 1)")
         require(self.requests >= 1, "requests", f"{self.requests} must be at least 1")
+        require(self.resamples >= 100, "resamples", f"{self.resamples}: at least 100 bootstrap resamples")
 
 
-def evaluate(
-    lab: Lab, model: UnlearnableModel, clustering: ClusterSettings, settings: EvaluationSettings, fit_seconds: float
-) -> dict:
-    """unlearning.json's tables for `model` (fitted on all private data in `fit_seconds`)."""
+def evaluate(lab: Lab, model: UnlearnableModel, clustering: ClusterSettings, settings: EvaluationSettings) -> dict:
+    """unlearning.json's tables for `model`, fitted on all private data."""
     ids = lab.task.private.ids
     index = {e: i for i, e in enumerate(ids)}
     shards = len(model.prototypes)
@@ -63,18 +68,20 @@ def evaluate(
         **baselines.accuracies(set()),
         "public_backbone": accuracy_of(logits_of(lab.backbone, lab), lab),
     }
-    deletions = []
+    deletions, membership = [], {}
     for kind, chosen in deletion_sets(lab, settings):
-        started = time.perf_counter()
-        result = forget(model, lab, clustering, chosen)
-        seconds = time.perf_counter() - started
+        result, (seconds, _) = timed(lambda c=chosen: forget(model, lab, clustering, c))
         row = {"kind": kind, "fraction": len(chosen) / len(ids), "examples": len(chosen)}
         row["accuracy"] = {"per_cluster": accuracy_of(predict_logits(result.model, lab, lab.task.test), lab)}
         row["accuracy"] |= baselines.accuracies(set(chosen))
         row |= {"clusters_retrained": len(result.retrained), "clusters_removed": len(result.removed)}
         row |= {"seconds": seconds}
         deletions.append(row)
-    costs = request_costs(lab, model, clustering, baselines, settings, fit_seconds)
+        if kind == "random" and not membership:  # the smallest random deletion: like the test split
+            membership = {"examples": len(chosen)} | audit_forgotten(
+                lab, model, result.model, chosen, settings.resamples
+            )
+    costs = request_costs(lab, model, clustering, baselines, settings)
     gap = before["global_adapter"] - before["per_cluster"]
     return {
         "settings": dataclasses.asdict(settings),
@@ -83,12 +90,15 @@ def evaluate(
         "members": {str(c): len(m) for c, m in model.members.items()},
         "accuracy_before": before,
         "deletions": deletions,
+        "membership": membership,
         "cost_per_request": costs,
         "goals": {
             "parameters_full_finetune_over_per_cluster": costs["full_finetune"]["parameters_retrained"]
             / costs["per_cluster"]["parameters_retrained"],
             "seconds_retrain_private_stage_over_per_cluster": costs["retrain_private_stage"]["seconds"]
             / costs["per_cluster"]["seconds"],
+            "cpu_seconds_retrain_private_stage_over_per_cluster": costs["retrain_private_stage"]["cpu_seconds"]
+            / costs["per_cluster"]["cpu_seconds"],
             "accuracy_gap_to_global_adapter": gap,
         },
     }
@@ -152,62 +162,41 @@ class Baselines:
 
 
 def request_costs(
-    lab: Lab,
-    model: UnlearnableModel,
-    clustering: ClusterSettings,
-    baselines: Baselines,
-    settings: EvaluationSettings,
-    fit_seconds: float,
+    lab: Lab, model: UnlearnableModel, clustering: ClusterSettings, baselines: Baselines, settings: EvaluationSettings
 ) -> dict[str, dict[str, float]]:
-    """Mean cost of forgetting one example, over `settings.requests` seeded single-example requests."""
+    """Median cost of forgetting one example over `settings.requests` seeded single-example requests:
+    parameters retrained, wall-clock and CPU seconds (the latter less disturbed by other processes on
+    a shared machine), examples reprocessed."""
     ids = lab.task.private.ids
     rng = np.random.default_rng(settings.seed + 1)
     picks = [ids[i] for i in rng.choice(len(ids), size=settings.requests, replace=False)]
-    ours, sisa = [], []
-    for example in picks:
-        started = time.perf_counter()
-        result = forget(model, lab, clustering, [example])
-        seconds = time.perf_counter() - started
-        retrained = sum(result.model.adapter_parameters(c) for c in result.retrained)
-        ours.append((retrained, seconds, result.examples_reprocessed))
-        shard = baselines.shard_of(example)
-        started = time.perf_counter()
-        module = baselines.sisa_shard(shard, {example})
-        seconds = time.perf_counter() - started
-        members = sum(1 for e in ids if e != example and baselines.shard_of(e) == shard)
-        sisa.append((trainable(module) if module is not None else 0, seconds, members))
-    adapter = model.adapter_parameters(model.alive[0])
-    started = time.perf_counter()
-    global_module = baselines.global_adapter({picks[0]})
-    global_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    baselines.full_finetune({picks[0]})
-    full_seconds = time.perf_counter() - started
+    rows: dict[str, list[tuple[float, ...]]] = {name: [] for name in COSTED}
     everyone = len(ids) - 1
-    return {
-        "per_cluster": _mean(ours),
-        "sisa": _mean(sisa),
-        "retrain_private_stage": {
-            "parameters_retrained": adapter * len(model.alive),
-            "seconds": fit_seconds,
-            "examples_reprocessed": everyone,
-        },
-        "global_adapter": {
-            "parameters_retrained": trainable(global_module),
-            "seconds": global_seconds,
-            "examples_reprocessed": everyone,
-        },
-        "full_finetune": {
-            "parameters_retrained": sum(p.numel() for p in lab.backbone.parameters()),
-            "seconds": full_seconds,
-            "examples_reprocessed": everyone,
-        },
-    }
+    for example in picks:
+        result, seconds = timed(lambda e=example: forget(model, lab, clustering, [e]))
+        retrained = sum(result.model.adapter_parameters(c) for c in result.retrained)
+        rows["per_cluster"].append((retrained, *seconds, result.examples_reprocessed))
+        shard = baselines.shard_of(example)
+        module, seconds = timed(lambda e=example, s=shard: baselines.sisa_shard(s, {e}))
+        members = sum(1 for e in ids if e != example and baselines.shard_of(e) == shard)
+        rows["sisa"].append((trainable(module) if module is not None else 0, *seconds, members))
+        again, seconds = timed(lambda e=example: fit(lab, clustering, model.config, {e}))
+        rows["retrain_private_stage"].append(
+            (sum(again.adapter_parameters(c) for c in again.alive), *seconds, everyone)
+        )
+        module, seconds = timed(lambda e=example: baselines.global_adapter({e}))
+        rows["global_adapter"].append((trainable(module), *seconds, everyone))
+        module, seconds = timed(lambda e=example: baselines.full_finetune({e}))
+        rows["full_finetune"].append((trainable(module), *seconds, everyone))
+    keys = ("parameters_retrained", "seconds", "cpu_seconds", "examples_reprocessed")
+    return {name: dict(zip(keys, np.median(np.array(r), axis=0).tolist(), strict=True)) for name, r in rows.items()}
 
 
-def _mean(rows: list[tuple[float, float, float]]) -> dict[str, float]:
-    values = np.array(rows, dtype=float).mean(0)
-    return dict(zip(("parameters_retrained", "seconds", "examples_reprocessed"), values.tolist(), strict=True))
+def timed(job: Callable[[], T]) -> tuple[T, tuple[float, float]]:
+    """job()'s result and its (wall-clock, process CPU) seconds."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = job()
+    return result, (time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def trainable(module: nn.Module) -> int:
