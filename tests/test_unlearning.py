@@ -22,6 +22,7 @@ from dsire.lab.build import Lab, build_lab
 from dsire.unlearn import read_ids, unlearn
 from dsire.unlearning.adapters import deterministic, fit, forget, predict_logits
 from dsire.unlearning.clusters import ClusterSettings, fit_prototypes, route
+from dsire.unlearning.evaluation import EvaluationSettings, deletion_sets
 from dsire.unlearning.model import UnlearnableModel, load_model, save_model
 from tests.conftest import ROOT, run_script
 
@@ -161,38 +162,6 @@ def test_ids_are_ids_or_unique_file_names(lab: Lab, tmp_path: Path) -> None:
         read_ids(request, ["a/x.png", "b/x.png"])
 
 
-def test_forget_and_retrain_commands_write_the_same_model_and_receipts(
-    cache: Path, fitted: Path, tmp_path: Path
-) -> None:
-    """`forget` from the command line; `mode=retrain` through the same job in this process."""
-    request = tmp_path / "forget.csv"
-    request.write_text("example\ndigits/56\ndigits/56\n90\n")
-    ckpt = fitted / "model.safetensors"
-    before = file_sha256(ckpt)
-    result = run_unlearn(cache, tmp_path / "forget", f"ckpt={ckpt}", f"forget={request}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    full = unlearn(
-        config(
-            f"ckpt={ckpt}",
-            f"forget={request}",
-            "mode=retrain",
-            f"paths.cache_dir={cache}",
-            f"paths.output_dir={tmp_path / 'retrain'}",
-        )
-    )
-    receipt = json.loads((tmp_path / "forget" / "receipt.json").read_text())
-    assert receipt["new_model_sha256"] == full["new_model_sha256"]
-    assert receipt["new_model_sha256"] == file_sha256(tmp_path / "forget" / "model.safetensors")
-    assert receipt["old_model_sha256"] == before == file_sha256(ckpt)  # the old model is untouched
-    assert receipt["examples_forgotten"] == ["digits/56", "digits/90"] and receipt["duplicates_ignored"] == 1
-    assert (receipt["clusters_retrained"], full["clusters_retrained"]) == ([0], [0, 1, 2, 3])
-    per_cluster = 2186
-    assert receipt["parameters_retrained"] == per_cluster and full["parameters_retrained"] == 4 * per_cluster
-    assert receipt["parameters_total"] == 4 * per_cluster + 26122
-    assert (receipt["examples_reprocessed"], full["examples_reprocessed"]) == (67, 118)
-    assert receipt["test_accuracy"] == full["test_accuracy"]
-
-
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -200,6 +169,7 @@ def test_forget_and_retrain_commands_write_the_same_model_and_receipts(
         (["ckpt=nowhere.safetensors", "forget=ids.csv"], "ckpt: nowhere.safetensors is not a file"),
         (["mode=erase"], "mode: 'erase' is not one of forget, retrain"),
         (["unlearning.clustering.adaptive_quantile=0.5"], "unlearning.clustering.n_clusters: set exactly one of"),
+        (["evaluation.fractions=[0.5,1.5]"], "evaluation.fractions: [0.5, 1.5]: each in (0, 1)"),
     ],
 )
 def test_user_mistakes_name_their_key(tmp_path: Path, overrides: list[str], message: str) -> None:
@@ -208,25 +178,27 @@ def test_user_mistakes_name_their_key(tmp_path: Path, overrides: list[str], mess
     assert str(error.value).startswith(message)
 
 
-def test_unknown_id_is_one_line(cache: Path, fitted: Path, tmp_path: Path) -> None:
+def test_unknown_id_names_the_file_and_line(cache: Path, fitted: Path, tmp_path: Path) -> None:
     request = tmp_path / "forget.csv"
     request.write_text("example\ndigits/56\ndigits/0\n")  # digits/0 is a public example
-    result = run_unlearn(cache, tmp_path / "run", f"ckpt={fitted / 'model.safetensors'}", f"forget={request}")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    expected = f"error: {request}: line 3: 'digits/0' is not a private example of the model's task"
-    assert result.stderr.strip().splitlines()[-1] == expected
+    overrides = (f"ckpt={fitted / 'model.safetensors'}", f"forget={request}", f"paths.cache_dir={cache}")
+    with pytest.raises(UserError) as error:
+        unlearn(config(*overrides, f"paths.output_dir={tmp_path}"))
+    assert str(error.value) == f"{request}: line 3: 'digits/0' is not a private example of the model's task"
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 @pytest.mark.fault
-def test_kill_9_during_forget_leaves_the_old_model_and_a_rerun_completes(
+def test_forget_killed_then_rerun_writes_the_retrained_model_and_its_receipt(
     cache: Path, fitted: Path, tmp_path: Path
 ) -> None:
-    """Forget in place (out=ckpt), killed while it retrains: the old file is whole; the rerun finishes."""
+    """Forget in place (out=ckpt), killed with -9 while it retrains: the old file is whole. The rerun
+    completes, its receipt says what happened, and `mode=retrain` writes the same bytes."""
     ckpt = tmp_path / "model.safetensors"
     shutil.copy(fitted / "model.safetensors", ckpt)
     before = file_sha256(ckpt)
     request = tmp_path / "forget.csv"
-    request.write_text("example\ndigits/56\n")
+    request.write_text("example\ndigits/56\ndigits/56\n90\n")  # a duplicate, and a file name
     arguments = [f"ckpt={ckpt}", f"forget={request}", f"out={ckpt}", "logger=csv", f"paths.cache_dir={cache}"]
     command = [sys.executable, str(ROOT / "unlearn.py"), *arguments, f"hydra.run.dir={tmp_path / 'run'}"]
     environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"PYTHONPATH": str(ROOT)}
@@ -241,7 +213,29 @@ def test_kill_9_during_forget_leaves_the_old_model_and_a_rerun_completes(
     assert file_sha256(ckpt) == before and load_model(ckpt).forgotten == []
     rerun = run_unlearn(cache, tmp_path / "rerun", *arguments[:3])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert not list(tmp_path.glob(".*.tmp"))
     receipt = json.loads((tmp_path / "receipt.json").read_text())  # beside the new model
     assert receipt["old_model_sha256"] == before and receipt["new_model_sha256"] == file_sha256(ckpt)
-    assert load_model(ckpt).forgotten == ["digits/56"]
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert load_model(ckpt).forgotten == receipt["examples_forgotten"] == ["digits/56", "digits/90"]
+    assert receipt["duplicates_ignored"] == 1 and receipt["already_forgotten"] == []
+    per_cluster = 2 * (64 + 128) + 2 * (128 + 128) + 128 * 10 + 10
+    assert receipt["clusters_retrained"] == [0] and receipt["clusters_removed"] == []
+    assert receipt["parameters_retrained"] == per_cluster and receipt["parameters_total"] == 4 * per_cluster + 26122
+    assert receipt["examples_reprocessed"] == 67  # cluster 0's 69 members less the two forgotten
+    retrain = (f"ckpt={fitted / 'model.safetensors'}", f"forget={request}", "mode=retrain", f"paths.cache_dir={cache}")
+    full = unlearn(config(*retrain, f"paths.output_dir={tmp_path / 'retrain'}"))
+    assert full["new_model_sha256"] == receipt["new_model_sha256"]
+    assert full["clusters_retrained"] == [0, 1, 2, 3] and full["examples_reprocessed"] == 118
+    assert full["test_accuracy"] == receipt["test_accuracy"]
+
+
+def test_deletion_sets_are_seeded_random_samples_and_whole_classes(lab: Lab) -> None:
+    settings = EvaluationSettings(fractions=(0.1, 0.5), seed=3)
+    sets = deletion_sets(lab, settings)
+    assert [kind for kind, _ in sets] == ["random", "class", "random", "class"]
+    ids, labels = lab.task.private.ids, lab.task.private.labels.tolist()
+    assert len(sets[0][1]) == 12 and len(sets[2][1]) == 60 and set(sets[0][1]) <= set(ids)
+    for (_, chosen), classes in ((sets[1], 1), (sets[3], 5)):
+        gone = {labels[ids.index(e)] for e in chosen}
+        assert len(gone) == classes and chosen == [e for e, y in zip(ids, labels, strict=True) if y in gone]
+    assert deletion_sets(lab, settings) == sets and deletion_sets(lab, EvaluationSettings(seed=4))[0] != sets[0]
