@@ -60,7 +60,7 @@ def lab(cache: Path, fitted: Path) -> Lab:
 def test_tiny_fit_headline_numbers(fitted: Path) -> None:
     report = json.loads((fitted / "fit.json").read_text())
     assert report["members"] == {"0": 69, "1": 27, "2": 12, "3": 12}  # 120 private digits, public prototypes
-    assert report["test_accuracy"] == pytest.approx(0.9611, abs=0.01)
+    assert report["test_accuracy"] == pytest.approx(0.9583, abs=0.006)
     assert report["parameters_per_cluster"] == 2 * (64 + 128) + 2 * (128 + 128) + 128 * 10 + 10  # LoRA r=2 + head
     assert report["parameters_backbone"] == 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
 
@@ -169,7 +169,7 @@ def test_ids_are_ids_or_unique_file_names(lab: Lab, tmp_path: Path) -> None:
         (["ckpt=nowhere.safetensors", "forget=ids.csv"], "ckpt: nowhere.safetensors is not a file"),
         (["mode=erase"], "mode: 'erase' is not one of forget, retrain"),
         (["unlearning.clustering.adaptive_quantile=0.5"], "unlearning.clustering.n_clusters: set exactly one of"),
-        (["evaluation.fractions=[0.5,1.5]"], "evaluation.fractions: [0.5, 1.5]: each in (0, 1)"),
+        (["evaluation={fractions:[0.5,1.5]}"], "evaluation.fractions: [0.5, 1.5]: each in (0, 1)"),
     ],
 )
 def test_user_mistakes_name_their_key(tmp_path: Path, overrides: list[str], message: str) -> None:
