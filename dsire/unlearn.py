@@ -27,7 +27,7 @@ from dsire.hashing import file_sha256, tensors_sha256
 from dsire.lab.build import Lab, build_lab
 from dsire.loggers import Report, finish_loggers, log_figure, log_metrics, logging_trainer, quiet_library_noise
 from dsire.settings import from_config
-from dsire.unlearning.adapters import deterministic, fit, forget, predict_logits
+from dsire.unlearning.adapters import deterministic, fit, forget, predict_logits, retrain
 from dsire.unlearning.clusters import ClusterSettings
 from dsire.unlearning.evaluation import EvaluationSettings, evaluate
 from dsire.unlearning.figures import METHODS, accuracy_vs_forgotten, cost_per_request
@@ -87,41 +87,32 @@ def _fit(cfg: DictConfig) -> dict:
 
 
 def _forget(cfg: DictConfig) -> dict:
+    if cfg.get("forget") is None and cfg.mode == "forget":
+        raise UserError("forget", "missing; give the CSV of examples to forget (forget=IDS.csv, column `example`)")
     ckpt = Path(cfg.ckpt)
     old_hash = file_sha256(ckpt) if ckpt.is_file() else None
     old = load_model(ckpt)
     lab = lab_of(old, cfg)
     clustering = from_config(ClusterSettings, old.config["unlearning"]["clustering"], "unlearning.clustering")
     requested = [] if cfg.get("forget") is None else read_ids(Path(cfg.forget), lab.task.private.ids)
-    if cfg.get("forget") is None and cfg.mode == "forget":
-        raise UserError("forget", "missing; give the CSV of examples to forget (forget=IDS.csv, column `example`)")
     started = time.perf_counter()
-    if cfg.mode == "forget":
-        result = forget(old, lab, clustering, requested, progress=_progress)
-        new, retrained, removed = result.model, result.retrained, result.removed
-        reprocessed, forgotten, already = result.examples_reprocessed, result.forgotten, result.already_forgotten
-    else:
-        unique = list(dict.fromkeys(requested))
-        forgotten = [e for e in unique if e not in old.forgotten]
-        already = [e for e in unique if e in old.forgotten]
-        new = fit(lab, clustering, old.config, set(old.forgotten) | set(unique), progress=_progress)
-        retrained, removed = new.alive, sorted(set(old.alive) - set(new.alive))
-        reprocessed = sum(len(ids) for ids in new.members.values())
+    result = (forget if cfg.mode == "forget" else retrain)(old, lab, clustering, requested, progress=_progress)
     seconds = time.perf_counter() - started
     path = _model_path(cfg)
+    new = result.model
     save_model(new, path)
     receipt = {
         "mode": cfg.mode,
         "request": str(cfg.get("forget")),
-        "examples_forgotten": forgotten,
-        "already_forgotten": already,
-        "duplicates_ignored": len(requested) - len(dict.fromkeys(requested)),
-        "clusters_retrained": retrained,
-        "clusters_removed": removed,
-        "parameters_retrained": sum(new.adapter_parameters(c) for c in retrained),
+        "examples_forgotten": result.forgotten,
+        "already_forgotten": result.already_forgotten,
+        "duplicates_ignored": result.duplicates,
+        "clusters_retrained": result.retrained,
+        "clusters_removed": result.removed,
+        "parameters_retrained": sum(new.adapter_parameters(c) for c in result.retrained),
         "parameters_total": sum(new.adapter_parameters(c) for c in new.alive)
         + sum(p.numel() for p in lab.backbone.parameters()),
-        "examples_reprocessed": reprocessed,
+        "examples_reprocessed": result.examples_reprocessed,
         "seconds": seconds,
         "old_model": str(ckpt),
         "old_model_sha256": old_hash,
@@ -131,8 +122,9 @@ def _forget(cfg: DictConfig) -> dict:
     }
     atomic_write_text(path.parent / "receipt.json", json.dumps(receipt, indent=1))
     Report(quiet=False, width=PIPED_WIDTH)(
-        f"forgot {len(forgotten)} examples: retrained clusters {retrained} ({receipt['parameters_retrained']} of "
-        f"{receipt['parameters_total']} parameters) in {seconds:.2f} s; removed clusters {removed}; "
+        f"forgot {len(result.forgotten)} examples: retrained clusters {result.retrained} "
+        f"({receipt['parameters_retrained']} of {receipt['parameters_total']} parameters) in {seconds:.2f} s; "
+        f"removed clusters {result.removed}; "
         f"receipt: {path.parent / 'receipt.json'}"
     )
     return receipt

@@ -147,9 +147,7 @@ def forget(
             "private: every private example shaped the clusters, so no forget is exact; use mode=retrain",
         )
     known = {e: i for i, e in enumerate(lab.task.private.ids)}
-    unique = list(dict.fromkeys(requested))
-    already = [e for e in unique if e in model.forgotten]
-    new = [e for e in unique if e not in model.forgotten]
+    unique, new, already = split_request(model, requested)
     cluster_of = {e: c for c, ids in model.members.items() for e in ids}
     touched = sorted({cluster_of[e] for e in new})
     gone = set(new)
@@ -175,6 +173,27 @@ def forget(
         retrained.append(cluster)
         reprocessed += len(remaining)
     return ForgetResult(result, new, already, len(requested) - len(unique), retrained, removed, reprocessed)
+
+
+def retrain(
+    model: UnlearnableModel,
+    lab: Lab,
+    clustering: ClusterSettings,
+    requested: list[str],
+    progress: Progress | None = None,
+) -> ForgetResult:
+    """Forget by retraining every cluster from scratch on the remaining data, with the same recipe."""
+    unique, new, already = split_request(model, requested)
+    fresh = fit(lab, clustering, model.config, set(model.forgotten) | set(unique), progress)
+    removed = sorted(set(model.alive) - set(fresh.alive))
+    reprocessed = sum(len(ids) for ids in fresh.members.values())
+    return ForgetResult(fresh, new, already, len(requested) - len(unique), fresh.alive, removed, reprocessed)
+
+
+def split_request(model: UnlearnableModel, requested: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(unique ids in request order, those not forgotten before, those forgotten before)."""
+    unique = list(dict.fromkeys(requested))
+    return unique, [e for e in unique if e not in model.forgotten], [e for e in unique if e in model.forgotten]
 
 
 @torch.no_grad()
