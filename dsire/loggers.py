@@ -145,7 +145,8 @@ class Report:
 
 
 def job_loggers(cfg: DictConfig, out: Path) -> pl.Trainer:
-    """A trainer that only holds the configured loggers (W&B offline unless logged in, CSV, TensorBoard)."""
+    """For analysis jobs that train outside Lightning: a trainer that only holds the configured loggers
+    (`cfg.logger`: W&B offline unless logged in, CSV, TensorBoard), every setting of `cfg` logged."""
     prepare_wandb(out)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = pl.Trainer(logger=loggers or False, accelerator="cpu", devices=1, enable_progress_bar=False)

@@ -64,8 +64,9 @@ def test_conv_layers_are_flattened(unet_finetune: FineTune, tmp_path):
 
 
 def test_rslora_scale(tmp_path):
-    from tests.conftest import make_finetune, tiny_unet
     from peft import LoraConfig
+
+    from tests.conftest import make_finetune, tiny_unet
 
     finetune = make_finetune(
         tiny_unet(), LoraConfig(r=4, lora_alpha=8, target_modules=["to_q"], use_rslora=True), "unet"

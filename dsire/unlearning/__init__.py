@@ -1,0 +1,1 @@
+"""Exact unlearning with per-cluster adapters (LMEraser): forget an example by retraining only its cluster."""
