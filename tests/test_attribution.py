@@ -202,7 +202,9 @@ def digits_tiny(tmp_path_factory) -> Path:
 def test_source_digits_tiny_pinned_lds(digits_tiny: Path) -> None:
     run = run_dir(digits_tiny, "source_digits_tiny")
     report = json.loads((run / "lds.json").read_text())
-    expected = {"source": 0.644, "influence": 0.501, "tracin": 0.612, "gradient_similarity": 0.467, "random": -0.066}
+    # The influence function's small damping makes it sensitive to float rounding in the trained weights
+    # (the ensemble's weight layout moved it by 0.03 here, Source by < 1e-4): its pin holds on one machine type.
+    expected = {"source": 0.644, "influence": 0.474, "tracin": 0.612, "gradient_similarity": 0.467, "random": -0.066}
     assert list(report) == list(expected)
     for method, value in expected.items():
         assert report[method]["lds"] == pytest.approx(value, abs=0.02), method
