@@ -47,6 +47,18 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
     )
 
 
+def run_job(script: str, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """An analysis job (`audit.py`, `attribute.py`) with its caches and runs under `tmp_path`, CSV logging only."""
+    paths = (f"paths.cache_dir={tmp_path}/cache", f"paths.log_dir={tmp_path}/logs")
+    return run_script(script, *paths, "logger=csv", *overrides)
+
+
+def run_dir(tmp_path: Path, name: str) -> Path:
+    """The one run directory of the job `name` (its `task_name`) that `run_job` made under `tmp_path`."""
+    (directory,) = (tmp_path / "logs" / name / "runs").iterdir()
+    return directory
+
+
 def bundled_zoo_copy(directory: Path, concepts: tuple[str, ...], sizes: tuple[int, ...]) -> list[str]:
     """Copy the bundled zoo's LoRAs of `concepts` × `sizes` into `directory`; their manifest lines, header first."""
     rows = ["path,n,concept"]

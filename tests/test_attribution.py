@@ -36,7 +36,7 @@ from dsire.lab.backbones import MLP
 from dsire.lab.data import Examples
 from dsire.lab.methods import FinetuneSettings
 from dsire.settings import from_config
-from tests.conftest import run_script
+from tests.conftest import run_dir, run_job, run_script
 
 
 def random_factors(out: int, inp: int, generator: torch.Generator) -> LayerFactors:
@@ -180,21 +180,10 @@ def test_non_finite_curvature_is_damped_and_reported() -> None:
     assert damped(torch.ones(2, 2), "fc1")[1] is None
 
 
-def run_attribute(tmp_path: Path, *overrides: str):
-    return run_script(
-        "attribute.py", f"paths.cache_dir={tmp_path}/cache", f"paths.log_dir={tmp_path}/logs", "logger=csv", *overrides
-    )
-
-
-def run_dir(tmp_path: Path, name: str) -> Path:
-    (directory,) = (tmp_path / "logs" / name / "runs").iterdir()
-    return directory
-
-
 @pytest.fixture(scope="module")
 def digits_tiny(tmp_path_factory) -> Path:
     tmp_path = tmp_path_factory.mktemp("source")
-    result = run_attribute(tmp_path, "+experiment=source_digits_tiny")
+    result = run_job("attribute.py", tmp_path, "+experiment=source_digits_tiny")
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path
 

@@ -15,24 +15,13 @@ import numpy as np
 import pytest
 
 from dsire.privacy.metrics import auc
-from tests.conftest import ROOT, run_script
-
-
-def run_audit(tmp_path: Path, *overrides: str):
-    return run_script(
-        "audit.py", f"paths.cache_dir={tmp_path}/cache", f"paths.log_dir={tmp_path}/logs", "logger=csv", *overrides
-    )
-
-
-def run_dir(tmp_path: Path, name: str) -> Path:
-    (directory,) = (tmp_path / "logs" / name / "runs").iterdir()
-    return directory
+from tests.conftest import ROOT, run_dir, run_job, run_script
 
 
 @pytest.fixture(scope="module")
 def mia_tiny(tmp_path_factory) -> Path:
     tmp_path = tmp_path_factory.mktemp("mia")
-    result = run_audit(tmp_path, "+experiment=mia_rank_tiny")
+    result = run_job("audit.py", tmp_path, "+experiment=mia_rank_tiny")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir(tmp_path, "mia_rank_tiny")
 
@@ -65,7 +54,7 @@ def test_mia_scores_csv_recomputes_the_report(mia_tiny: Path) -> None:
 
 
 def test_lora_noise_tiny_matches_the_theory(tmp_path: Path) -> None:
-    result = run_audit(tmp_path, "+experiment=lora_noise_tiny")
+    result = run_job("audit.py", tmp_path, "+experiment=lora_noise_tiny")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run_dir(tmp_path, "lora_noise_tiny") / "noise.json").read_text())
     rows = report["per_rank"]
@@ -93,7 +82,7 @@ def test_lora_noise_tiny_matches_the_theory(tmp_path: Path) -> None:
 )
 def test_user_mistakes_are_one_line(tmp_path: Path, override: str, message: str) -> None:
     extra = ["analysis=noise"] if override.startswith("noise.") else []
-    result = run_audit(tmp_path, override, *extra, "task.pretrain.steps=5")
+    result = run_job("audit.py", tmp_path, override, *extra, "task.pretrain.steps=5")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-500:]
@@ -126,7 +115,7 @@ def test_kill_9_then_rerun_resumes_and_matches(mia_tiny: Path, tmp_path: Path) -
 
 def test_ddp_shares_out_the_models_and_reports_the_same(mia_tiny: Path, tmp_path: Path) -> None:
     """lab.devices=2: two processes each train half the models; rank 0 reports what one process reports."""
-    result = run_audit(tmp_path, "+experiment=mia_rank_tiny", "lab.devices=2")
+    result = run_job("audit.py", tmp_path, "+experiment=mia_rank_tiny", "lab.devices=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr  # Lightning started the second process
     report = json.loads((run_dir(tmp_path, "mia_rank_tiny") / "mia.json").read_text())
