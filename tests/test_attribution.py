@@ -27,13 +27,14 @@ from dsire.attribution.curvature import (
     negative_margin,
     tracked_modules,
 )
-from dsire.attribution.lds import lds_per_query, margins, mean_interval, subset_masks
+from dsire.attribution.lds import lds_per_query, mean_interval, subset_masks
 from dsire.attribution.scores import attribute
 from dsire.attribution.source import Segment, influence_scores, propagation, segment_term, source_scores
 from dsire.attribution.trajectory import check_matches, checkpoint_plan, load_trajectory
 from dsire.errors import UserError
 from dsire.lab.backbones import MLP
 from dsire.lab.data import Examples
+from dsire.lab.margins import margin
 from dsire.lab.methods import FinetuneSettings
 from dsire.settings import from_config
 from tests.conftest import run_dir, run_job, run_script
@@ -170,7 +171,7 @@ def test_lds_of_a_hand_computed_case() -> None:
     assert mean == 4.5 and low == pytest.approx(4.5 - 1.96 * np.std(np.arange(10.0)) / np.sqrt(10), abs=0.3)
     assert subset_masks(5, 9, 0.5, 0).sum(1).tolist() == [4] * 5  # round(4.5) = 4: banker's rounding
     logits = torch.tensor([[[2.0, 0.0, 0.0]]])
-    assert float(margins(logits, torch.tensor([0]))) == pytest.approx(2.0 - float(torch.logsumexp(torch.zeros(2), 0)))
+    assert float(margin(logits, torch.tensor([0]))) == pytest.approx(2.0 - float(torch.logsumexp(torch.zeros(2), 0)))
 
 
 def test_non_finite_curvature_is_damped_and_reported() -> None:

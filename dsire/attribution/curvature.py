@@ -27,6 +27,7 @@ from torch.utils.data import TensorDataset
 
 from dsire.lab.data import Examples
 from dsire.lab.gradients import example_gradients
+from dsire.lab.margins import margin
 
 Spectral = Callable[[torch.Tensor], torch.Tensor]
 
@@ -53,10 +54,7 @@ def negative_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed −(z_y − logsumexp_{j≠y} z_j): the measurement whose gradient a query contributes (the
     margin is the output LDS measures; the sign makes a positive score a helpful training example,
     kronfluence's convention)."""
-    correct = logits.gather(1, labels[:, None]).squeeze(1)
-    hide = labels[:, None] == torch.arange(logits.shape[1], device=logits.device)  # one_hot does not vmap
-    others = logits.masked_fill(hide, -torch.inf).logsumexp(dim=1)
-    return (others - correct).sum()
+    return -margin(logits, labels).sum()
 
 
 def tracked_modules(model: nn.Module) -> list[str]:

@@ -21,6 +21,7 @@ from torch import nn
 from dsire.atomic import atomic_path
 from dsire.lab.data import Examples
 from dsire.lab.ensemble import train
+from dsire.lab.margins import margin
 from dsire.lab.methods import FinetuneSettings
 from dsire.lora.files import read_safetensors
 from dsire.lora.model import LoRAError
@@ -36,13 +37,6 @@ def subset_masks(subsets: int, examples: int, alpha: float, seed: int) -> np.nda
     return masks
 
 
-def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """z_y − logsumexp_{j≠y} z_j for logits [..., n, classes] and labels [n]."""
-    correct = logits.gather(-1, labels.expand(*logits.shape[:-1])[..., None]).squeeze(-1)
-    hide = torch.nn.functional.one_hot(labels, logits.shape[-1]).bool().expand_as(logits)
-    return correct - logits.masked_fill(hide, -torch.inf).logsumexp(dim=-1)
-
-
 def measured_outputs(
     build: Callable[[int], nn.Module],
     train_examples: Examples,
@@ -53,7 +47,7 @@ def measured_outputs(
     ensemble_size: int,
     directory: Path,
     advance: Callable[[int], None] = lambda n: None,
-    measure: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = margins,
+    measure: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = margin,
 ) -> torch.Tensor:
     """[subsets, seeds, queries] query outputs (`measure(logits, labels)`: margins unless given) of
     models trained on each subset with each of `seeds` seeds (`build(seed)`: the adapted, untrained

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
+from dsire.lab.margins import margin
+
 # Floor on every fitted σ, in φ (logit) units. An example whose φ is the same in all shadow models
 # (e.g. a confidence saturated in float32) would otherwise give σ = 0 and infinite scores; real
 # spreads of φ across models are orders of magnitude wider, so the floor only acts in that case.
@@ -44,9 +46,7 @@ def logit_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     classes = logits.shape[-1]
     if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
         raise ValueError(f"labels must lie in [0, {classes - 1}] for {classes} classes")
-    own = labels.unsqueeze(-1)
-    others = logits.scatter(-1, own, float("-inf"))
-    return logits.gather(-1, own).squeeze(-1) - torch.logsumexp(others, dim=-1)
+    return margin(logits, labels)
 
 
 def lira_online(
