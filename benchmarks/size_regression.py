@@ -12,32 +12,27 @@ candidate on some sizes and measures MAE on the held-out concepts' other sizes. 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 from sklearn.isotonic import IsotonicRegression
 
 from benchmarks.report import command_line, write_section
-from dsire.data.datamodule import LoRAZooDataModule
 from dsire.data.splits import kfold
-from dsire.models.features import Features, gather_features
+from dsire.featurise import zoo_features
+from dsire.models.features import Features, FeatureSpec
 from dsire.models.knn import KNNVote
-from dsire.models.module import DSiReModule
 from dsire.models.regression import SizeRegressor
 
 SETTINGS = (((1, 3, 5), (2, 4, 6)), ((2, 4, 6), (1, 3, 5)), ((1, 2, 3, 4, 5, 6), (1, 2, 3, 4, 5, 6)))
 
 
-def zoo_features(zoo: Path, cache: Path) -> Features:
+def default_voters(zoo: Path, cache: Path) -> Features:
+    """The zoo's features with the model's default voters (σ of ΔW, down and up per layer)."""
     source = {"kind": "manifest", "path": str(zoo)}
-    split = {"protocol": "kfold", "folds": 5, "n_train": 1, "repeats": 1, "seed": 0}
-    datamodule = LoRAZooDataModule(source, split, cache_dir=str(cache), cache_settings={"dtype": "float32"})
-    datamodule.setup()
-    module = DSiReModule()
-    module.cache = datamodule.cache
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    return gather_features(Features.concat(trainer.predict(module, datamodule.predict_dataloader())))
+    features = zoo_features(source, cache_dir=str(cache), cache_settings={"dtype": "float32"})
+    return replace(features, vectors=FeatureSpec().derive(features.vectors))
 
 
 def knn_log_n(train: Features, test: Features) -> np.ndarray:
@@ -81,7 +76,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(".cache/spectra"))
     parser.add_argument("--shuffles", type=int, default=5)
     args = parser.parse_args()
-    features = zoo_features(args.zoo, args.cache)
+    features = default_voters(args.zoo, args.cache)
     lines = [
         f"Held-out-concept MAE (images) on `{args.zoo}`, 5 folds × {args.shuffles} shuffles. "
         f"Command: `{command_line()}`.",

@@ -26,10 +26,10 @@ from rich.text import Text
 from dsire.atomic import atomic_write_text
 from dsire.data.datamodule import LoRAZooDataModule
 from dsire.data.splits import Split
-from dsire.distributed import gather, one_rank_at_a_time
+from dsire.featurise import featurise
 from dsire.loggers import Report, finish_loggers, log_metrics, log_run_settings, prepare_wandb, quiet_library_noise
 from dsire.models.checkpoint import save_checkpoint
-from dsire.models.features import Features, gather_features
+from dsire.models.features import Features
 from dsire.models.module import DSiReModule
 from dsire.settings import require_device
 
@@ -62,17 +62,6 @@ def new_model(cfg: DictConfig, datamodule: LoRAZooDataModule) -> DSiReModule:
     model: DSiReModule = hydra.utils.instantiate(cfg.model)
     model.cache = datamodule.cache
     return model
-
-
-def featurise(model: DSiReModule, trainer: pl.Trainer, loader) -> tuple[Features, str]:
-    """Every LoRA's features (gathered from all ranks), and where their spectra came from, in words."""
-    features = gather_features(Features.concat(trainer.predict(model, loader) or []))
-    if model.cache is not None:
-        for _ in one_rank_at_a_time():
-            model.cache.flush()
-    computed, cached = sum(gather(model.computed)), sum(gather(model.cached))
-    unreadable = len(features.errors)
-    return features, f"{computed} computed from weights, {cached} from the cache, {unreadable} not usable"
 
 
 def leave_out_copies(features: Features, datamodule: LoRAZooDataModule) -> Features:

@@ -25,11 +25,13 @@ class SourceConfig:
     cache_dir: str | None = None  # lorawise: where the hub download goes
     rank: int | None = None  # lorawise: reshape flat columns with this rank (None: from the subset name)
     make: str | None = None  # manifest: the command that builds this zoo, shown when it is missing
+    step: int | None = None  # manifest: the snapshot step to use (None: the last)
 
     def __post_init__(self) -> None:
         require(bool(self.path), "path", "missing; give the zoo's folder or file (data.source.path=...)")
         require(bool(self.labels), "labels", "empty; the labels CSV's file name")
         require(self.rank is None or self.rank >= 1, "rank", f"{self.rank} must be at least 1 (null: from the subset)")
+        require(self.step is None or self.step >= 0, "step", f"{self.step} must be at least 0 (null: the last)")
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ def load_entries(source: SourceConfig) -> list[ZooEntry]:
         if not manifest.is_file():
             make = f"; make the zoo with: {source.make}" if source.make else ""
             raise UserError("data.source.path", f"{manifest} does not exist{make}")
-        return from_manifest(manifest)
+        return from_manifest(manifest, source.step)
     if source.kind == "labels_dir":
         if not path.is_dir():
             raise UserError("data.source.path", f"{path} is not a folder (a folder of LoRAs with {source.labels})")

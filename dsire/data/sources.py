@@ -67,13 +67,32 @@ def _labelled(table: Path, where: str, path: str, n: object, concept: str | None
     return ZooEntry(path, int(text), str(concept))
 
 
-def from_manifest(manifest: str | Path) -> list[ZooEntry]:
-    """Entries of a zoo generator's manifest; relative paths are relative to the manifest."""
+def from_manifest(manifest: str | Path, step: int | None = None) -> list[ZooEntry]:
+    """Entries of a zoo generator's manifest at one snapshot `step` (default: the last), relative
+    paths relative to the manifest: snapshots of different steps are different recipes, never mixed."""
     manifest = Path(manifest)
     rows = _read_csv(manifest, ("path", "n", "concept"))
+    rows = _at_step(manifest, rows, step)
     return [
         _labelled(manifest, f"line {line}", str(manifest.parent / r["path"]), r["n"], r["concept"]) for line, r in rows
     ]
+
+
+def _at_step(manifest: Path, rows: list[tuple[int, dict[str, str]]], step: int | None) -> list:
+    """The rows of snapshot `step` (None: the last); a manifest without a `step` column has one snapshot."""
+    if "step" not in rows[0][1]:
+        if step is not None:
+            raise UserError("data.source.step", f"{step}: {manifest} has no step column (one snapshot per LoRA)")
+        return rows
+    steps = set()
+    for line, row in rows:
+        if not row["step"].strip().isdigit():
+            raise LoRAError(manifest, f"line {line}: step must be a whole number, got {row['step']!r}")
+        steps.add(int(row["step"]))
+    if step is not None and step not in steps:
+        raise UserError("data.source.step", f"{step} is not among {manifest}'s snapshot steps {sorted(steps)}")
+    chosen = max(steps) if step is None else step
+    return [(line, row) for line, row in rows if int(row["step"]) == chosen]
 
 
 def from_labels_dir(directory: str | Path, labels: str = "labels.csv") -> list[ZooEntry]:

@@ -22,10 +22,11 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from dsire.data.splits import kfold
-from dsire.lora import load_lora
+from dsire.errors import report_user_errors
+from dsire.featurise import zoo_features as featurised
+from dsire.loggers import quiet_library_noise
+from dsire.models.features import FeatureSpec
 from dsire.models.knn import KNNVote
-from dsire.spectra import batch_spectra
-from dsire.zoo.manifest import read_manifest
 
 PARTS = ("delta",)
 SIZE_SETS = {"N = 1..6": None, "N ∈ {1,3,6}": (1, 3, 6), "N ∈ {1,6}": (1, 6)}
@@ -39,28 +40,18 @@ class ZooFeatures:
     delta_norm: np.ndarray  # mean ‖ΔW‖F over layers, per model
 
 
-def zoo_features(
-    zoo_dir: str | Path, parts: tuple[str, ...] = PARTS, step: int | None = None, batch: int = 16
-) -> ZooFeatures:
+def zoo_features(zoo_dir: str | Path, parts: tuple[str, ...] = PARTS, step: int | None = None) -> ZooFeatures:
     """Per-layer spectra (fp32, whatever the storage dtype) of the manifest's checkpoints at one snapshot
-    `step` (default: the last): snapshots of different steps are different recipes and are not mixed."""
-    zoo_dir = Path(zoo_dir)
-    rows = read_manifest(zoo_dir)
-    step = step if step is not None else max(int(row["step"]) for row in rows)
-    rows = [row for row in rows if int(row["step"]) == step]
-    voters: dict[str, list[np.ndarray]] = {}
-    norms = []
-    for start in range(0, len(rows), batch):
-        loras = [load_lora(zoo_dir / row["path"]) for row in rows[start : start + batch]]
-        for spectra in batch_spectra(loras):
-            for layer, s in spectra.items():
-                voters.setdefault(layer, []).append(np.concatenate([getattr(s, part).numpy() for part in parts]))
-            norms.append(np.mean([float(s.delta_norm) for s in spectra.values()]))
+    `step` (default: the last), featurised as `train.py` does; unreadable LoRAs are reported and left out."""
+    features = featurised({"kind": "manifest", "path": str(zoo_dir), "step": step})
+    for key, problem in features.errors.items():
+        print(f"skipped {key}: {problem}")
+    layers = dict.fromkeys(voter.rsplit("/", 1)[0] for voter in features.vectors)
     return ZooFeatures(
-        voters={k: np.stack(v).astype(np.float32) for k, v in voters.items()},
-        n=np.array([int(r["n"]) for r in rows]),
-        concepts=np.array([r["concept"] for r in rows]),
-        delta_norm=np.array(norms),
+        voters=FeatureSpec(parts, concat=True).derive(features.vectors),
+        n=features.n,
+        concepts=np.array(features.concepts),
+        delta_norm=np.mean([features.vectors[f"{layer}/norms"][:, 0] for layer in layers], axis=0),
     )
 
 
@@ -125,7 +116,9 @@ def report(
     return result
 
 
+@report_user_errors
 def main() -> None:
+    quiet_library_noise()
     parser = argparse.ArgumentParser(description="Dataset-size signal of a zoo (paper method, leave-concepts-out)")
     parser.add_argument("zoo_dir")
     parser.add_argument("--parts", default=",".join(PARTS), help="spectra concatenated per layer: delta, down, up")
