@@ -54,16 +54,15 @@ def attribute(
         if not along:
             break
         mean = {m: 0.0 for m in modules}
-        for checkpoint in checkpoints:  # each checkpoint's gradients serve Source's mean and TracIn's sum
-            model = model_at(template, checkpoint)
+        models = [model_at(template, checkpoint) for checkpoint in checkpoints]
+        for model in models:  # each checkpoint's gradients serve Source's mean and TracIn's sum
             grads = layer_gradients(model, train, modules)
             mean = {m: mean[m] + grads[m] / len(checkpoints) for m in modules}
             if "tracin" in methods:  # TracIn-CP: η⟨g_q, g_m⟩, each checkpoint standing for its share of steps
                 q = layer_gradients(model, queries, modules, loss=negative_margin)
                 tracin += duration / len(checkpoints) * dot_scores(q, grads)
         if "source" in methods:
-            middle = model_at(template, checkpoints[len(checkpoints) // 2])
-            factors, layer_notes = fit_factors(middle, train, modules, seed + i)
+            factors, layer_notes = fit_factors(models, train, modules, seed + i)  # H̄: averaged like ḡ
             notes += [f"segment {i}: {n}" for n in layer_notes]
             segments.append(Segment(duration, trajectory.settings["weight_decay"] + source_damping, factors, mean))
     if "source" in methods:
@@ -72,7 +71,7 @@ def attribute(
         scores["tracin"] = tracin
     train_final = layer_gradients(final, train, modules)
     if "influence" in methods:
-        factors, layer_notes = fit_factors(final, train, modules, seed + len(trajectory.checkpoints))
+        factors, layer_notes = fit_factors([final], train, modules, seed + len(trajectory.checkpoints))
         notes += [f"final checkpoint: {n}" for n in layer_notes]
         scores["influence"] = influence_scores(query_final, factors, train_final, damping)
     if "gradient_similarity" in methods:
