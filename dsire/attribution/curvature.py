@@ -108,20 +108,27 @@ class _ClassificationTask(Task):
 def fit_factors(
     models: list[nn.Module], examples: Examples, modules: list[str], seed: int
 ) -> tuple[Factors, list[str]]:
-    """EK-FAC factors of the mean training loss over `examples`, averaged over the checkpoints `models`
+    """EK-FAC factors of a classifier's mean training loss over `examples`, averaged over the
+    checkpoints `models` (`task_factors`)."""
+    device = next(models[0].parameters()).device
+    inputs = examples.take(torch.arange(len(examples))).to(device)
+    data = TensorDataset(inputs, examples.labels.to(device))
+    return task_factors(models, _ClassificationTask(modules), data, modules, seed)
+
+
+def task_factors(
+    models: list[nn.Module], task: Task, data: TensorDataset, modules: list[str], seed: int
+) -> tuple[Factors, list[str]]:
+    """EK-FAC factors of `task`'s training loss over `data`, averaged over the checkpoints `models`
     (not modified), with a note for each layer whose eigenvalues were not finite: those entries are set
     to 0 (the flat-direction limit of every spectral function used here) and reported.
 
     Averaging is the paper's segment curvature H̄: the activation and gradient covariances are means
     over examples, so their mean over checkpoints is kronfluence's running sums added across
     checkpoints; one eigenbasis comes from those, and the eigenvalues re-fitted in it at each checkpoint
-    (also running sums) are added the same way. True Fisher: each checkpoint's labels are drawn from
+    (also running sums) are added the same way. True Fisher: each checkpoint's targets are drawn from
     its own predictions with the same `seed`, so identical checkpoints give exactly one checkpoint's
     factors."""
-    device = next(models[0].parameters()).device
-    inputs = examples.take(torch.arange(len(examples))).to(device)
-    data = TensorDataset(inputs, examples.labels.to(device))
-    task = _ClassificationTask(modules)
     gc.freeze()  # kronfluence calls gc.collect() between stages: with the process's objects frozen it stays cheap
     try:
         loaded = _kronfluence_factors([prepare_model(copy.deepcopy(m), task) for m in models], task, data, seed)
