@@ -255,7 +255,8 @@ def _diffusion(
         say(f"[yellow]curvature: {note}[/yellow]")
     masks = subset_masks(lds.subsets, len(train), lds.alpha, lds.seed)
     task_id = progress.add_task("LDS retraining", total=lds.subsets * lds.seeds)
-    directory = cache / f"lds_diffusion_{json_hash([key, queries.examples.ids])}_a{lds.alpha}_s{lds.seed}"
+    retrains = json_hash([key, queries.examples.ids, lds.subsets, lds.seeds])
+    directory = cache / f"lds_diffusion_{retrains}_a{lds.alpha}_s{lds.seed}"
     outputs = denoising_outputs(
         base,
         cfg.zoo.lora,
