@@ -50,7 +50,7 @@ def main() -> None:
     train_s, trajectory = seconds(lambda: train_trajectory(template, train, settings, 0, plan, "bench"))
     final = model_at(template, trajectory.final)
     modules = tracked_modules(final)
-    fit_s, (factors, _) = seconds(lambda: fit_factors(final, train, modules, 0))
+    fit_s, (factors, _) = seconds(lambda: fit_factors([final], train, modules, 0))
     grads_s, grads = seconds(lambda: layer_gradients(final, train, modules))
     query_s, _ = seconds(lambda: layer_gradients(final, queries, modules, loss=negative_margin))
     source_s, _ = seconds(lambda: attribute(template, trajectory, train, queries, ("source",), None, 0))

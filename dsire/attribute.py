@@ -9,6 +9,7 @@ figures under `figures/`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -17,16 +18,25 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 from rich.table import Table
 from safetensors.torch import save_file
 
 from dsire.atomic import atomic_path, atomic_write_text
+from dsire.attribution.diffusion import (
+    DiffusionLoRA,
+    DiffusionSettings,
+    check_trajectory,
+    denoising_data,
+    denoising_outputs,
+    diffusion_trajectory,
+    lora_unet,
+)
 from dsire.attribution.figures import top_k_grid
 from dsire.attribution.lds import lds_per_query, mean_interval, measured_outputs, subset_masks
 from dsire.attribution.removal import flip_rate, predictions, without_random, without_top
-from dsire.attribution.scores import METHODS
+from dsire.attribution.scores import METHODS, Attribution, attribute_problem
 from dsire.attribution.scores import attribute as attribute_scores
 from dsire.attribution.trajectory import (
     Trajectory,
@@ -54,6 +64,7 @@ from dsire.loggers import (
     quiet_library_noise,
 )
 from dsire.settings import from_config, require
+from dsire.zoo.recipes import load_base
 
 PIPED_WIDTH = None if sys.stdout.isatty() else 160
 
@@ -120,6 +131,20 @@ class RemovalSettings:
         require(self.seeds >= 1, "seeds", f"{self.seeds} must be at least 1")
 
 
+@dataclass
+class Measured:
+    """What either kind of attributed model hands to the report: the scores, the training examples and
+    queries, the LDS retraining, and the kind's own summary entries."""
+
+    result: Attribution
+    train: Examples
+    queries: Examples
+    masks: np.ndarray
+    outputs: torch.Tensor  # [subsets, seeds, queries]
+    summary: dict
+    removed: dict
+
+
 def attribute(cfg: DictConfig) -> dict:
     settings = from_config(AttributionSettings, cfg.get("attribution"), "attribution")
     lds = from_config(LDSSettings, cfg.get("lds"), "lds")
@@ -130,13 +155,31 @@ def attribute(cfg: DictConfig) -> dict:
     if cfg.lab.devices * cfg.lab.num_nodes != 1:
         raise UserError("lab.devices", "attribution runs in one process: lab.devices=1 lab.num_nodes=1")
     quiet_library_noise()
+    say = Report(quiet=False, width=PIPED_WIDTH)
+    cache = Path(cfg.paths.cache_dir) / "attribution"
+    with Progress(console=say.console, transient=True) as progress:
+        if cfg.get("diffusion") is not None:
+            measured = _diffusion(cfg, settings, lds, removal, cache, say, progress)
+        else:
+            measured = _classification(cfg, settings, lds, removal, cache, say, progress)
+    return _report(cfg, settings, lds, removal, measured, say)
+
+
+def _classification(
+    cfg: DictConfig,
+    settings: AttributionSettings,
+    lds: LDSSettings,
+    removal: RemovalSettings,
+    cache: Path,
+    say: Report,
+    progress: Progress,
+) -> Measured:
+    """A lab classifier: margins measured, the removal check run."""
     fabric = launch(cfg.lab)
     lab = build_lab(cfg, fabric.device)
-    say = Report(quiet=False, width=PIPED_WIDTH)
     train, flipped = _private(lab, settings)
     queries = _queries(lab.task.test, settings)
     template = adapt(lab.backbone, lab.finetune, settings.seed)
-    cache = Path(cfg.paths.cache_dir) / "attribution"
     trajectory = _trajectory(lab, settings, train, cache)
     say(f"trajectory: segments at steps {trajectory.boundaries}, η/(1−β) = {trajectory.learning_rate:.3g}")
     result = attribute_scores(
@@ -153,40 +196,113 @@ def attribute(cfg: DictConfig) -> dict:
         say(f"[yellow]curvature: {note}[/yellow]")
     masks = subset_masks(lds.subsets, len(train), lds.alpha, lds.seed)
     key = json_hash([lab.recipe, trajectory.settings, labels_hash(train), queries.ids, lds.subsets, lds.seeds])
-    with Progress(console=say.console, transient=True) as progress:
-        task_id = progress.add_task("LDS retraining", total=lds.subsets * lds.seeds)
-        outputs = measured_outputs(
-            lambda seed: adapt(lab.backbone, lab.finetune, seed),
-            train,
-            queries,
-            lab.finetune,
-            masks,
-            lds.seeds,
-            lds.ensemble_size,
-            cache / f"lds_{key}_a{lds.alpha}_s{lds.seed}",
-            lambda n: progress.advance(task_id, n),
-        )
-        original = _predictions(template, trajectory, queries)
-        directory = cache / f"removal_{key}"
-        removed = _removal(lab, removal, result.scores, train, queries, original, lds, directory, progress)
-    mean_outputs = outputs.mean(1).numpy()
-    per_query = {m: lds_per_query(s.numpy(), masks, mean_outputs) for m, s in result.scores.items()}
-    report = {m: _interval(v, lds) for m, v in per_query.items()}
-    out = Path(cfg.paths.output_dir)
-    _write(out, result.scores, masks, outputs, per_query, train, queries, report)
+    task_id = progress.add_task("LDS retraining", total=lds.subsets * lds.seeds)
+    outputs = measured_outputs(
+        lambda seed: adapt(lab.backbone, lab.finetune, seed),
+        train,
+        queries,
+        lab.finetune,
+        masks,
+        lds.seeds,
+        lds.ensemble_size,
+        cache / f"lds_{key}_a{lds.alpha}_s{lds.seed}",
+        lambda n: progress.advance(task_id, n),
+    )
+    original = _predictions(template, trajectory, queries)
+    directory = cache / f"removal_{key}"
+    removed = _removal(lab, removal, result.scores, train, queries, original, lds, directory, progress)
     summary = {
         "trajectory": {"boundaries": trajectory.boundaries, "checkpoints": trajectory.checkpoint_steps},
         "learning_rate": trajectory.learning_rate,
-        "notes": result.notes,
         "flipped": [train.ids[i] for i in flipped],
+    }
+    return Measured(result, train, queries, masks, outputs, summary, removed)
+
+
+def _diffusion(
+    cfg: DictConfig,
+    settings: AttributionSettings,
+    lds: LDSSettings,
+    removal: RemovalSettings,
+    cache: Path,
+    say: Report,
+    progress: Progress,
+) -> Measured:
+    """A tiny-recipe diffusion LoRA (`zoo` recipe, `diffusion.*`): negative query losses measured."""
+    if removal.fractions:
+        raise UserError("removal.fractions", "the removal check counts flipped predictions: [] for a diffusion LoRA")
+    diffusion = from_config(DiffusionSettings, cfg.diffusion, "diffusion")
+    base = load_base(cfg.zoo)
+    train, queries = denoising_data(base, diffusion, settings.queries)
+    lora = OmegaConf.to_container(cfg.zoo.lora)
+    plan = [settings.seed, settings.segments, settings.checkpoints_per_segment]
+    key = json_hash([base.fingerprint, lora, dataclasses.asdict(diffusion), train.examples.ids])
+    path = cache / f"trajectory_diffusion_{json_hash([key, plan])}.safetensors"
+    if settings.trajectory is not None:
+        path = Path(settings.trajectory)
+    if path.is_file() or settings.trajectory is not None:
+        trajectory = load_trajectory(path)
+        check_trajectory(trajectory, base, train, diffusion)
+    else:
+        trajectory = diffusion_trajectory(base, cfg.zoo.lora, train, diffusion, settings.seed, *plan[1:])
+        save_trajectory(trajectory, path)
+    say(f"trajectory: segments at steps {trajectory.boundaries}, η/(1−β) = {trajectory.learning_rate:.3g}")
+    problem = DiffusionLoRA(lora_unet(base, cfg.zoo.lora, settings.seed), base.scheduler, train, queries)
+    result = attribute_problem(
+        problem, trajectory, settings.methods, settings.influence_damping, settings.seed, settings.source_damping
+    )
+    for note in result.notes:
+        say(f"[yellow]curvature: {note}[/yellow]")
+    masks = subset_masks(lds.subsets, len(train), lds.alpha, lds.seed)
+    task_id = progress.add_task("LDS retraining", total=lds.subsets * lds.seeds)
+    retrains = json_hash([key, queries.examples.ids, lds.subsets, lds.seeds])
+    directory = cache / f"lds_diffusion_{retrains}_a{lds.alpha}_s{lds.seed}"
+    outputs = denoising_outputs(
+        base,
+        cfg.zoo.lora,
+        train,
+        queries,
+        diffusion,
+        masks,
+        lds.seeds,
+        directory,
+        lambda n: progress.advance(task_id, n),
+    )
+    summary = {
+        "trajectory": {"boundaries": trajectory.boundaries, "checkpoints": trajectory.checkpoint_steps},
+        "learning_rate": trajectory.learning_rate,
+        "measurement": f"negative denoising loss at {diffusion.draws} fixed (timestep, noise) draws per query",
+    }
+    return Measured(result, train.examples, queries.examples, masks, outputs, summary, {})
+
+
+def _report(
+    cfg: DictConfig,
+    settings: AttributionSettings,
+    lds: LDSSettings,
+    removal: RemovalSettings,
+    measured: Measured,
+    say: Report,
+) -> dict:
+    """LDS per method, the files, the loggers and the terminal table."""
+    result, train, queries, masks = measured.result, measured.train, measured.queries, measured.masks
+    mean_outputs = measured.outputs.mean(1).numpy()
+    per_query = {m: lds_per_query(s.numpy(), masks, mean_outputs) for m, s in result.scores.items()}
+    report = {m: _interval(v, lds) for m, v in per_query.items()}
+    out = Path(cfg.paths.output_dir)
+    _write(out, result.scores, masks, measured.outputs, per_query, train, queries, report)
+    summary = measured.summary | {
+        "notes": result.notes,
         "lds": report,
         "source_minus": _paired(per_query, lds),
-        "removal": removed,
+        "removal": measured.removed,
     }
     atomic_write_text(out / "attribution.json", json.dumps(summary, indent=1))
     trainer = job_loggers(cfg, out)
     log_metrics(trainer, {f"lds/{m}": r["lds"] for m, r in report.items()})
-    flips = {f"removal/{m}/{f}": r for m, rates in removed["flip_rate"].items() for f, r in rates.items()}
+    flips = {
+        f"removal/{m}/{f}": r for m, rates in measured.removed.get("flip_rate", {}).items() for f, r in rates.items()
+    }
     if flips:
         log_metrics(trainer, flips)
     rows = [[m, r["lds"], r["ci_low"], r["ci_high"]] for m, r in report.items()]
@@ -203,7 +319,7 @@ def attribute(cfg: DictConfig) -> dict:
     for m, r in report.items():
         table.add_row(m, f"{r['lds']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
     say(table)
-    for method, rates in removed["flip_rate"].items() if removal.fractions else ():
+    for method, rates in measured.removed["flip_rate"].items() if removal.fractions else ():
         say(f"removal check, {method}: flip rate " + ", ".join(f"{r:.3f} at {f}" for f, r in rates.items()))
     say(f"results: {out / 'lds.json'}, {out / 'scores.safetensors'}, {out / 'figures'}")
     return report

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments
+from kronfluence.factor.covariance import save_covariance_matrices
 from kronfluence.task import Task
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -104,18 +105,33 @@ class _ClassificationTask(Task):
         return self.modules
 
 
-def fit_factors(model: nn.Module, examples: Examples, modules: list[str], seed: int) -> tuple[Factors, list[str]]:
-    """EK-FAC factors of `model` (not modified) over `examples` (true Fisher, labels sampled from a
-    `seed`ed generator), with a note for each layer whose eigenvalues were not finite: those entries
-    are set to 0 (the flat-direction limit of every spectral function used here) and reported."""
-    device = next(model.parameters()).device
+def fit_factors(
+    models: list[nn.Module], examples: Examples, modules: list[str], seed: int
+) -> tuple[Factors, list[str]]:
+    """EK-FAC factors of a classifier's mean training loss over `examples`, averaged over the
+    checkpoints `models` (`task_factors`)."""
+    device = next(models[0].parameters()).device
     inputs = examples.take(torch.arange(len(examples))).to(device)
     data = TensorDataset(inputs, examples.labels.to(device))
-    task = _ClassificationTask(modules)
-    prepared = prepare_model(copy.deepcopy(model), task)
+    return task_factors(models, _ClassificationTask(modules), data, modules, seed)
+
+
+def task_factors(
+    models: list[nn.Module], task: Task, data: TensorDataset, modules: list[str], seed: int
+) -> tuple[Factors, list[str]]:
+    """EK-FAC factors of `task`'s training loss over `data`, averaged over the checkpoints `models`
+    (not modified), with a note for each layer whose eigenvalues were not finite: those entries are set
+    to 0 (the flat-direction limit of every spectral function used here) and reported.
+
+    Averaging is the paper's segment curvature H̄: the activation and gradient covariances are means
+    over examples, so their mean over checkpoints is kronfluence's running sums added across
+    checkpoints; one eigenbasis comes from those, and the eigenvalues re-fitted in it at each checkpoint
+    (also running sums) are added the same way. True Fisher: each checkpoint's targets are drawn from
+    its own predictions with the same `seed`, so identical checkpoints give exactly one checkpoint's
+    factors."""
     gc.freeze()  # kronfluence calls gc.collect() between stages: with the process's objects frozen it stays cheap
     try:
-        loaded = _kronfluence_factors(prepared, task, data, seed)
+        loaded = _kronfluence_factors([prepare_model(copy.deepcopy(m), task) for m in models], task, data, seed)
     finally:
         gc.unfreeze()
     factors, notes = {}, []
@@ -128,14 +144,36 @@ def fit_factors(model: nn.Module, examples: Examples, modules: list[str], seed: 
     return factors, notes
 
 
-def _kronfluence_factors(model: nn.Module, task: Task, data: TensorDataset, seed: int) -> dict:
+def _kronfluence_factors(models: list[nn.Module], task: Task, data: TensorDataset, seed: int) -> dict:
+    """kronfluence's three EK-FAC stages with the covariances (stage 1) and eigenvalues (stage 3)
+    summed over the checkpoints before the stage that reads them."""
     with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.filterwarnings("ignore", message=".*GradScaler.*")  # kronfluence's AMP scaler, off on CPU
-        torch.manual_seed(seed)
-        analyzer = Analyzer("dsire", model, task, output_dir=directory, disable_tqdm=True, disable_model_save=True)
-        arguments = FactorArguments(strategy="ekfac")
-        analyzer.fit_all_factors("ekfac", data, factor_args=arguments, per_device_batch_size=256)
-        return analyzer.load_all_factors("ekfac")
+        analyzers = [
+            Analyzer("dsire", model, task, output_dir=directory, disable_tqdm=True, disable_model_save=True)
+            for model in models
+        ]
+        fit = {"factor_args": FactorArguments(strategy="ekfac"), "per_device_batch_size": 256}
+        for i, analyzer in enumerate(analyzers):
+            torch.manual_seed(seed)
+            analyzer.fit_covariance_matrices(f"covariance{i}", data, **fit)
+        first = analyzers[0]
+        mean = first.factors_output_dir("mean")
+        mean.mkdir(parents=True)
+        save_covariance_matrices(
+            mean, _summed([a.load_covariance_matrices(f"covariance{i}") for i, a in enumerate(analyzers)])
+        )
+        first.perform_eigendecomposition("mean", factor_args=fit["factor_args"])
+        for i, analyzer in enumerate(analyzers):
+            torch.manual_seed(seed)
+            analyzer.fit_lambda_matrices(f"lambda{i}", data, load_from_factors_name="mean", **fit)
+        lambdas = _summed([a.load_lambda_matrices(f"lambda{i}") for i, a in enumerate(analyzers)])
+        return first.load_eigendecomposition("mean") | lambdas
+
+
+def _summed(factors: list[dict[str, dict[str, torch.Tensor]]]) -> dict[str, dict[str, torch.Tensor]]:
+    """kronfluence's running sums (and their example counts) added over checkpoints."""
+    return {name: {m: sum(f[name][m] for f in factors) for m in factors[0][name]} for name in factors[0]}
 
 
 def damped(eigenvalues: torch.Tensor, module: str) -> tuple[torch.Tensor, str | None]:
