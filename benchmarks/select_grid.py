@@ -2,12 +2,13 @@
 
     python -m benchmarks.select_grid --zoo data/zoo [--grid auto] [--folds 5]
 
-The zoo (a manifest directory) is featurised once (every part, all singular values); each
-configuration of configs/model/select/<grid>.yaml is then scored by `folds`-fold concept CV, the same
-folds as `train.py data.split.folds=<folds>` (seed 0), with the same neighbour search and vote as
-model selection uses. Prints the defaults (the paper's voters) and the best fixed configuration, vote
-accuracy and MAE with the std of MAE over folds, and writes every configuration's scores to
-`--out` (CSV). `auto` itself is train.py's result (nested: its choice is made inside each split).
+The zoo (a manifest directory, or a LoRA-WiSE parquet file named after its subset) is featurised once
+(every part, all singular values); each configuration of configs/model/select/<grid>.yaml is then
+scored by `folds`-fold concept CV, the same folds as `train.py data.split.folds=<folds>` (seed 0), with
+the same neighbour search and vote as model selection uses. Prints the defaults (the paper's voters)
+and the best fixed configuration, vote accuracy and MAE with the std of MAE over folds, and writes
+every configuration's scores to `--out` (CSV; default: select_grid_<grid>.csv beside the zoo). `auto`
+itself is train.py's result (nested: its choice is made inside each split).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.report import command_line
 from dsire.atomic import atomic_write_csv
-from dsire.data.sources import from_manifest
+from dsire.data.sources import from_manifest, from_parquet_files
 from dsire.models.features import ALL, Features, stack
 from dsire.models.select import Candidate, SelectConfig, select
 from dsire.project import ROOT
@@ -28,7 +29,7 @@ from dsire.spectra import lora_spectra
 
 
 def featurise(zoo: Path) -> Features:
-    entries = from_manifest(zoo / "manifest.csv")
+    entries = from_parquet_files([zoo]) if zoo.suffix == ".parquet" else from_manifest(zoo / "manifest.csv")
     rows = [ALL.vectors(lora_spectra(e.load())) for e in entries]
     return Features(
         stack(rows), np.array([e.n for e in entries]), [e.key for e in entries], [e.concept for e in entries]
@@ -52,7 +53,7 @@ def main() -> None:
     best = min(rows, key=lambda r: (r["mae"], -r["accuracy"]))
     for name, row in (("defaults", rows[0]), ("best fixed", best)):
         print(f"{name}: accuracy {row['accuracy']:.3f}, MAE {row['mae']:.3f} ± {row['mae_std']:.3f}; {row}")
-    out = args.out or args.zoo / f"select_grid_{args.grid}.csv"
+    out = args.out or (args.zoo if args.zoo.is_dir() else args.zoo.parent) / f"select_grid_{args.grid}.csv"
     atomic_write_csv(out, list(rows[0]), rows)
     print(f"{command_line()}: {len(rows)} configurations -> {out}")
 

@@ -1,5 +1,6 @@
 """`dsire` command line: `dsire inspect FILE [--json]`, `dsire harvest DIR [--out CSV]`,
-`dsire audit-membership FINETUNE --backbone B --candidates C --reference R [--out CSV]`."""
+`dsire audit-membership FINETUNE --backbone B --candidates C --reference R [--out CSV]`,
+`dsire lorawise ZOO OUT.parquet [--nested]`."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from rich.console import Console
 from rich.table import Table
 
 from dsire.atomic import atomic_write_csv
+from dsire.data.sources import from_labels_dir, from_manifest
 from dsire.errors import EXIT_CODE, UserError
 from dsire.harvest import CONCEPT_SOURCES, harvest, write_labels
-from dsire.lora import FORMATS, LoRA, LoRAError, load_lora
+from dsire.lora import FORMATS, LoRA, LoRAError, load_lora, subset_rank
 from dsire.lora.family import guess_base_model
+from dsire.lora.lorawise import write_lorawise
 from dsire.settings import require_device
 from dsire.spectra import Spectra, lora_spectra
 
@@ -118,6 +121,31 @@ def _harvest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lorawise(args: argparse.Namespace) -> int:
+    """A zoo (manifest or labels.csv folder) as one LoRA-WiSE parquet file; flat columns need the rank
+    in the file's name, as the published subsets have it (`low_8.parquet`), or readers cannot reshape them."""
+    zoo, out = Path(args.zoo), Path(args.out)
+    try:
+        entries = from_manifest(zoo / "manifest.csv") if (zoo / "manifest.csv").is_file() else from_labels_dir(zoo)
+        loras = [(entry.load(), entry.n, entry.concept) for entry in entries]
+    except (LoRAError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    ranks = {layer.rank for lora, _, _ in loras for layer in lora.layers.values()}
+    if not args.nested and (len(ranks) != 1 or subset_rank(out) not in ranks):
+        problem = f"ranks {sorted(ranks)}" if len(ranks) != 1 else f"rank {ranks.pop()} is not in its name"
+        hint = "name it after its subset (e.g. low_8.parquet) or pass --nested"
+        print(f"error: {out}: {problem}; {hint}", file=sys.stderr)
+        return 1
+    try:
+        write_lorawise(loras, out, nested=args.nested)
+    except (LoRAError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(loras)} LoRAs of {len({c for _, _, c in loras})} concepts to {out}")
+    return 0
+
+
 def _audit_membership(args: argparse.Namespace) -> int:
     from dsire.privacy.auditor import ATTACKS as AUDIT_ATTACKS  # the lab's imports (peft, opacus) only when used
     from dsire.privacy.auditor import audit_membership
@@ -199,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-torch-load", action="store_true", help="read .ckpt/.pt/.bin LoRAs with torch.load(weights_only=True)"
     )
     membership.set_defaults(run=_audit_membership)
+    lorawise = commands.add_parser("lorawise", help="write a zoo as one LoRA-WiSE parquet file (label, name, weights)")
+    lorawise.add_argument("zoo", help="a zoo folder: manifest.csv (python -m dsire.zoo) or labels.csv (file,n,concept)")
+    lorawise.add_argument("out", help="the parquet file; flat columns need the rank in its name, e.g. low_8.parquet")
+    lorawise.add_argument("--nested", action="store_true", help="matrices as lists of rows (no rank needed to read)")
+    lorawise.set_defaults(run=_lorawise)
     return parser
 
 

@@ -4,12 +4,14 @@ Each row is one fine-tune snapshot: `label` (dataset size N), `name` (concept id
 per matrix, named like `unet.<module>.lora.down.weight`, holding the matrix as a float64 list
 (flat, or a list of rows). Flat columns need the rank to be reshaped; it is part of the subset
 name (`low_8`, `low_16`, `low_32`, `medium_16`, `medium_32`, `medium_32_2`, `high_32`).
+`write_lorawise` writes any labelled LoRAs in this layout, so that the LoRA-WiSE path can be tried
+on a zoo made here (`dsire lorawise ZOO OUT`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from dsire.atomic import atomic_path
 from dsire.lora.files import DEFAULT_LIMITS, Limits, check_size
 from dsire.lora.formats import build_lora
 from dsire.lora.model import LoRA, LoRAError
@@ -107,3 +110,30 @@ def _row_to_lora(batch: pa.RecordBatch, weight_columns: list[str], rank: int | N
         "concept": str(batch.column(CONCEPT_COLUMN)[0].as_py()),
     }
     return lora
+
+
+def write_lorawise(rows: Iterable[tuple[LoRA, int, str]], path: str | Path, nested: bool = False) -> Path:
+    """Write (LoRA, N, concept) rows as one LoRA-WiSE parquet file, atomically.
+
+    The layout has no alpha (readers assume alpha = r, scale 1), so each layer's scale is folded into
+    `up`: ΔW is what it was. Matrices are float64, flat (the published layout: the rank must then
+    come from the file's subset name) or, with `nested`, lists of rows. Every row must have the same
+    layers, since each layer is a column.
+    """
+    columns: dict[str, list] = {LABEL_COLUMN: [], CONCEPT_COLUMN: []}
+    layers: list[str] | None = None
+    for lora, n, concept in rows:
+        layers = layers if layers is not None else list(lora.layers)
+        if list(lora.layers) != layers:
+            raise LoRAError(lora.source, "other layers than the first row's: one parquet file holds one layer set")
+        columns[LABEL_COLUMN].append(int(n))
+        columns[CONCEPT_COLUMN].append(str(concept))
+        for name, layer in lora.layers.items():
+            for role, matrix in (("down", layer.down), ("up", layer.scale * layer.up.double())):
+                matrix = matrix.double()
+                columns.setdefault(f"{name}.lora.{role}.weight", []).append(
+                    matrix.tolist() if nested else matrix.flatten().tolist()
+                )
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns), tmp)
+    return Path(path)

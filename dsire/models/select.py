@@ -11,7 +11,9 @@ grid's order; the fixed `model.*` configuration comes first).
 Everything works on features computed once (`features.ALL`: every part, all singular values):
 candidate voter sets are slices of them (`FeatureSpec.derive`), neighbours are found once per voter
 set, normalisation and fold with numpy (exact, as FAISS `Flat`), and every k, weighting and voter
-weighting is a re-count of those neighbours' votes (`knn.tally`).
+weighting is a re-count of those neighbours' votes (`knn.tally`). Under a normalisation fitted per
+voter a voter's neighbours do not depend on the rest of its set, so a voter shared by several sets
+(`delta` is in `delta,down,up`, which is in `delta,down,up,norms`) is searched once.
 
 Learned voter weights: a voter's weight is the log-odds of its nearest-neighbour accuracy over
 chance, log(acc·(S−1)/(1−acc)) for S sizes, zero at or below chance. Within the inner CV each fold's
@@ -40,6 +42,7 @@ from dsire.settings import require
 VoterWeights = Literal["equal", "learned"]
 Answer = Literal["vote", "estimate"]
 CHUNK_BYTES = 64 << 20  # most bytes of one block of pairwise distances
+PER_VOTER: tuple[Normalisation, ...] = ("voter", "dimension", "standard")  # bounds fitted on each voter alone
 
 
 def voter_set(text: str) -> FeatureSpec:
@@ -156,6 +159,7 @@ def _select(features: Features, fixed: Candidate, config: SelectConfig) -> Selec
     predictions: dict[Candidate, np.ndarray] = {}
     correct: dict[tuple, np.ndarray] = {}  # (voters, num_sv, normalisation): [rows, voters] 1-NN hits
     estimates: dict[tuple, np.ndarray] = {}  # (parts, num_sv): answers by the size estimate
+    searched: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # (voter, num_sv, normalisation, k): its neighbours
     for (voters, num_sv), group in itertools.groupby(
         sorted(candidates, key=lambda c: (c.voters, str(c.num_sv))), key=lambda c: (c.voters, c.num_sv)
     ):
@@ -168,7 +172,8 @@ def _select(features: Features, fixed: Candidate, config: SelectConfig) -> Selec
             predictions |= {c: estimates[design] for c in group if c.answer == "estimate"}
         for normalisation in dict.fromkeys(c.normalisation for c in group if c.answer == "vote"):
             votes = [c for c in group if c.answer == "vote" and c.normalisation == normalisation]
-            found = _neighbours(derived, features.n, folds, normalisation, max(c.k for c in votes))
+            k = max(c.k for c in votes)
+            found = _shared_neighbours(derived, features.n, folds, normalisation, k, num_sv, searched)
             hits = features.n[:, None] == found[0][:, :, 0].T
             correct[(voters, num_sv, normalisation)] = hits
             predictions |= {c: _vote(found, features.n, folds, c, hits) for c in votes}
@@ -220,6 +225,27 @@ def _estimate_answers(derived: dict[str, np.ndarray], n: np.ndarray, folds: list
         sizes = np.unique(n[~held])
         answers[held] = sizes[np.abs(estimate[:, None] - sizes[None, :]).argmin(axis=1)]
     return answers
+
+
+def _shared_neighbours(
+    derived: dict[str, np.ndarray],
+    n: np.ndarray,
+    folds: list[np.ndarray],
+    normalisation: Normalisation,
+    k: int,
+    num_sv: int | None,
+    searched: dict[tuple, tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_neighbours`, searching under a per-voter normalisation only the voters no earlier set had:
+    their bounds, and so their neighbours, are the same in every set."""
+    if normalisation not in PER_VOTER:
+        return _neighbours(derived, n, folds, normalisation, k)
+    missing = {v: x for v, x in derived.items() if (v, num_sv, normalisation, k) not in searched}
+    if missing:
+        labels, distances = _neighbours(missing, n, folds, normalisation, k)
+        searched |= {(v, num_sv, normalisation, k): (labels[i], distances[i]) for i, v in enumerate(missing)}
+    found = [searched[(v, num_sv, normalisation, k)] for v in derived]
+    return np.stack([labels for labels, _ in found]), np.stack([distances for _, distances in found])
 
 
 def _neighbours(
