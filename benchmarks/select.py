@@ -22,20 +22,16 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from benchmarks.report import command_line, write_section
-from dsire.data.sources import from_manifest
-from dsire.models.features import ALL, Features, FeatureSpec, stack
+from dsire.featurise import zoo_features
+from dsire.models.features import Features, FeatureSpec
 from dsire.models.module import DSiReModule
 from dsire.project import ROOT
-from dsire.spectra import lora_spectra
 
 GRID = ROOT / "configs" / "model" / "select" / "auto.yaml"
 
 
 def bundled() -> Features:
-    entries = from_manifest(ROOT / "data" / "zoo" / "manifest.csv")
-    rows = [ALL.vectors(lora_spectra(e.load())) for e in entries]
-    n = np.array([e.n for e in entries])
-    return Features(stack(rows), n, [e.key for e in entries], [e.concept for e in entries])
+    return zoo_features({"kind": "manifest", "path": str(ROOT / "data" / "zoo")})
 
 
 def synthetic(size: int, layers: int, seed: int = 0) -> Features:

@@ -21,19 +21,16 @@ from omegaconf import OmegaConf
 
 from benchmarks.report import command_line
 from dsire.atomic import atomic_write_csv
-from dsire.data.sources import from_manifest, from_parquet_files
-from dsire.models.features import ALL, Features, stack
+from dsire.featurise import zoo_features
+from dsire.models.features import Features
 from dsire.models.select import Candidate, SelectConfig, select
 from dsire.project import ROOT
-from dsire.spectra import lora_spectra
 
 
 def featurise(zoo: Path) -> Features:
-    entries = from_parquet_files([zoo]) if zoo.suffix == ".parquet" else from_manifest(zoo / "manifest.csv")
-    rows = [ALL.vectors(lora_spectra(e.load())) for e in entries]
-    return Features(
-        stack(rows), np.array([e.n for e in entries]), [e.key for e in entries], [e.concept for e in entries]
-    )
+    """Every part of every layer of a manifest zoo, or of a LoRA-WiSE parquet file."""
+    kind = "lorawise" if zoo.suffix == ".parquet" else "manifest"
+    return zoo_features({"kind": kind, "path": str(zoo)})
 
 
 def main() -> None:
