@@ -8,21 +8,30 @@ So every spectrum is an r×r symmetric eigenproblem, and the only pass over the 
 factors is one matrix product each, which BLAS runs at full speed (a QR of the same factors is
 slower: LAPACK runs it on one core per batch; see benchmarks/README.md).
 
-Squaring halves the digits, so the Grams and eigenproblems are float64: singular values carry an
-absolute error near √ε₆₄ · σ₁ ≈ 1.5e-8 · σ₁, below float32's own rounding and far below float16
-weights' quantisation. Frobenius norms are the 2-norms of the singular values.
+Squaring halves the digits, so by default (`precision="exact"`) the Grams and eigenproblems are
+float64: singular values carry an absolute error near √ε₆₄ · σ₁ ≈ 1.5e-8 · σ₁, below float32's own
+rounding and far below float16 weights' quantisation. `precision="fast"` forms the Grams in float32
+(a few times cheaper), which leaves the large singular values accurate but small ones with an
+absolute error up to √ε₃₂ · σ₁ ≈ 3e-4 · σ₁: measured errors and speeds are in benchmarks/README.md.
+Frobenius norms are the 2-norms of the singular values.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from dsire.lora import LoRA
+
+Precision = Literal["exact", "fast"]
+GRAM_DTYPES: dict[str, torch.dtype] = {"exact": torch.float64, "fast": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -64,18 +73,20 @@ def lowrank_spectra(
     down: torch.Tensor,
     scale: torch.Tensor | float = 1.0,
     dtype: torch.dtype = torch.float32,
+    precision: Precision = "exact",
 ) -> Spectra:
     """Spectra of scale · up @ down for up [..., out, r], down [..., r, in], scale [...] or a float.
 
-    Computed on the inputs' device in float64 (see the module docstring), returned in `dtype`.
-    Values beyond a factor's possible rank (min(out, r), min(in, r)) are exact zeros.
+    Computed on the inputs' device, the Grams in `GRAM_DTYPES[precision]` and the r×r problems in
+    float64 (see the module docstring), returned in `dtype`. Values beyond a factor's possible rank
+    (min(out, r), min(in, r)) are exact zeros.
     """
     out, rank = up.shape[-2:]
     if down.shape[-2] != rank:
         raise ValueError(f"rank mismatch: up {tuple(up.shape)}, down {tuple(down.shape)}")
     inp = down.shape[-1]
-    up, down = up.to(torch.float64), down.to(torch.float64)
-    gram_up, gram_down = up.mT @ up, down @ down.mT
+    up, down = up.to(GRAM_DTYPES[precision]), down.to(GRAM_DTYPES[precision])
+    gram_up, gram_down = (up.mT @ up).to(torch.float64), (down @ down.mT).to(torch.float64)
     factor = _factor(gram_down)
     core = factor.mT @ gram_up @ factor
     scale = torch.as_tensor(scale, dtype=torch.float64, device=up.device).abs().unsqueeze(-1)
@@ -112,42 +123,78 @@ allocations small enough to reuse freed memory instead of faulting in fresh page
 
 
 def batch_spectra(
-    loras: Sequence[LoRA], device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    loras: Sequence[LoRA],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    precision: Precision = "exact",
 ) -> list[dict[str, Spectra]]:
     """Per-layer spectra of several LoRAs; layers of equal shape, across all LoRAs, run as batched
     calls of at most `CHUNK_BYTES`. Results are on the CPU, in each LoRA's layer order.
+
+    On the CPU the chunks run on `torch.get_num_threads()` threads of one torch thread each: the
+    batched products are too small for torch's own threads to split well, and threads that never
+    wait for each other degrade gently when other processes want the cores (see benchmarks/README.md).
     """
+    device = torch.device(device or "cpu")
+    chunks = _chunks(loras)
+    results: list[dict[str, Spectra]] = [{} for _ in loras]
+    batches = _map(functools.partial(_chunk_spectra, loras, device, dtype, precision), chunks, device)
+    for chunk, batch in zip(chunks, batches, strict=True):
+        for (i, name), spectra in zip(chunk, batch, strict=True):
+            results[i][name] = spectra
+    return [{name: result[name] for name in lora.layers} for lora, result in zip(loras, results, strict=True)]
+
+
+def _chunks(loras: Sequence[LoRA]) -> list[list[tuple[int, str]]]:
+    """(LoRA index, layer name) lists: layers of one shape, at most `CHUNK_BYTES` of float64 factors each."""
     groups: dict[tuple, list[tuple[int, str]]] = defaultdict(list)
     for i, lora in enumerate(loras):
         for name, layer in lora.layers.items():
             groups[(tuple(layer.up.shape), tuple(layer.down.shape))].append((i, name))
-    results: list[dict[str, Spectra]] = [{} for _ in loras]
+    chunks = []
     for (up_shape, down_shape), members in groups.items():
-        per_layer = 8 * (math.prod(up_shape) + math.prod(down_shape))
-        step = max(1, CHUNK_BYTES // per_layer)
-        for start in range(0, len(members), step):
-            chunk = members[start : start + step]
-            layers = [loras[i].layers[name] for i, name in chunk]
-            up = _stack([layer.up for layer in layers], device)
-            down = _stack([layer.down for layer in layers], device)
-            scale = torch.tensor([layer.scale for layer in layers], dtype=torch.float64)
-            batch = lowrank_spectra(up, down, scale, dtype=dtype).cpu()
-            for j, (i, name) in enumerate(chunk):
-                results[i][name] = batch[j]
-    return [{name: result[name] for name in lora.layers} for lora, result in zip(loras, results, strict=True)]
+        step = max(1, CHUNK_BYTES // (8 * (math.prod(up_shape) + math.prod(down_shape))))
+        chunks += [members[start : start + step] for start in range(0, len(members), step)]
+    return chunks
 
 
-def _stack(tensors: list[torch.Tensor], device: torch.device | str | None) -> torch.Tensor:
-    """One float64 batch on `device`, converted while stacking (one pass over the weights). For
+def _chunk_spectra(
+    loras: Sequence[LoRA], device: torch.device, dtype: torch.dtype, precision: Precision, chunk: list[tuple[int, str]]
+) -> list[Spectra]:
+    layers = [loras[i].layers[name] for i, name in chunk]
+    up = _stack([layer.up for layer in layers], device, GRAM_DTYPES[precision])
+    down = _stack([layer.down for layer in layers], device, GRAM_DTYPES[precision])
+    scale = torch.tensor([layer.scale for layer in layers], dtype=torch.float64)
+    batch = lowrank_spectra(up, down, scale, dtype, precision).cpu()
+    return [Spectra(*parts) for parts in zip(batch.delta.unbind(), batch.down.unbind(), batch.up.unbind(), strict=True)]
+
+
+def _map(fn: Callable[[list], list[Spectra]], chunks: list[list], device: torch.device) -> list[list[Spectra]]:
+    """`fn` over the chunks, in order: in threads of one torch thread each on the CPU, in turn on a GPU."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or len(chunks) == 1:
+        return [fn(chunk) for chunk in chunks]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dsire-spectra") as pool:
+            return list(pool.map(fn, chunks))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _stack(tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One `dtype` batch on `device`, converted while stacking (one pass over the weights). For
     CUDA it is stacked into pinned memory, so the copy to the device runs asynchronously."""
-    device = torch.device(device or "cpu")
     pinned = device.type == "cuda"
-    batch = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float64, pin_memory=pinned)
+    batch = torch.empty((len(tensors), *tensors[0].shape), dtype=dtype, pin_memory=pinned)
     return torch.stack(tensors, out=batch).to(device, non_blocking=pinned)
 
 
 def lora_spectra(
-    lora: LoRA, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    lora: LoRA,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    precision: Precision = "exact",
 ) -> dict[str, Spectra]:
     """Per-layer spectra of one LoRA (see `batch_spectra`)."""
-    return batch_spectra([lora], device, dtype)[0]
+    return batch_spectra([lora], device, dtype, precision)[0]

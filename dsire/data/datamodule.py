@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
@@ -67,16 +66,11 @@ class ReadAhead:
 
     def __iter__(self) -> Iterator[list[dict]]:
         batches, done = iter(self.loader), object()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads - 1))  # the reader gets a core of its own
-        try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsire-read-ahead") as pool:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsire-read-ahead") as pool:
+            pending = pool.submit(next, batches, done)
+            while (batch := pending.result()) is not done:
                 pending = pool.submit(next, batches, done)
-                while (batch := pending.result()) is not done:
-                    pending = pool.submit(next, batches, done)
-                    yield batch
-        finally:
-            torch.set_num_threads(threads)
+                yield batch
 
 
 def zoo_batches(

@@ -25,6 +25,7 @@ class ModelConfig:
     weighting: Weighting = "uniform"
     normalisation: Normalisation = "global"
     spectra_dtype: Literal["float32", "float64"] = "float32"
+    spectra_precision: Literal["exact", "fast"] = "exact"
     use_faiss_gpu: bool = True
     index: str = "Flat"
     index_search: str = ""

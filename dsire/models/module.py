@@ -42,6 +42,7 @@ class DSiReModule(pl.LightningModule):
         weighting: str = "uniform",
         normalisation: str = "global",
         spectra_dtype: str = "float32",
+        spectra_precision: str = "exact",
         use_faiss_gpu: bool = True,
         index: str = "Flat",
         index_search: str = "",
@@ -89,7 +90,9 @@ class DSiReModule(pl.LightningModule):
         self.computed += len(todo)
         self.cached += len(good) - len(todo)
         for item, spectra in zip(
-            todo, batch_spectra([i["lora"] for i in todo], self.device, self.spectra_dtype), strict=True
+            todo,
+            batch_spectra([i["lora"] for i in todo], self.device, self.spectra_dtype, self.config.spectra_precision),
+            strict=True,
         ):
             item["spectra"] = spectra
             item["shapes"] = {name: layer.shape for name, layer in item["lora"].layers.items()}
