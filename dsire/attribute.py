@@ -247,7 +247,7 @@ def _diffusion(
         trajectory = diffusion_trajectory(base, cfg.zoo.lora, train, diffusion, settings.seed, *plan[1:])
         save_trajectory(trajectory, path)
     say(f"trajectory: segments at steps {trajectory.boundaries}, η/(1−β) = {trajectory.learning_rate:.3g}")
-    problem = DiffusionLoRA(lora_unet(base, cfg.zoo.lora, settings.seed), base.scheduler, train, queries)
+    problem = DiffusionLoRA(lora_unet(base, cfg.zoo.lora, settings.seed), train, queries, base.scheduler)
     result = attribute_problem(
         problem, trajectory, settings.methods, settings.influence_damping, settings.seed, settings.source_damping
     )

@@ -31,8 +31,8 @@ from torch.utils.data import TensorDataset
 
 from dsire.atomic import atomic_path
 from dsire.attribution.curvature import Factors, task_factors
-from dsire.attribution.scores import Gradients
-from dsire.attribution.trajectory import Trajectory, checkpoint_plan, model_at
+from dsire.attribution.scores import Gradients, Trained
+from dsire.attribution.trajectory import Trajectory, checkpoint_plan
 from dsire.errors import UserError
 from dsire.hashing import tensors_sha256
 from dsire.lab.data import Examples
@@ -177,24 +177,13 @@ class _DenoisingTask(Task):
 
 
 @dataclass
-class DiffusionLoRA:
-    """The attribution `Problem` of a LoRA-tuned UNet: a query's measurement is its denoising loss."""
+class DiffusionLoRA(Trained):
+    """The attribution `Problem` of a LoRA-tuned UNet (`template`: the UNet with a fresh adapter): a
+    query's measurement is its denoising loss."""
 
-    template: nn.Module  # the UNet with a fresh adapter
-    scheduler: object
     train: Denoising
     queries: Denoising
-
-    @property
-    def train_size(self) -> int:
-        return len(self.train)
-
-    @property
-    def query_size(self) -> int:
-        return len(self.queries)
-
-    def model_at(self, tensors: dict[str, torch.Tensor]) -> nn.Module:
-        return model_at(self.template, tensors)
+    scheduler: object
 
     def check(self, final: nn.Module) -> None:
         with torch.no_grad():

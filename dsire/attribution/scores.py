@@ -8,6 +8,7 @@ denoising loss) share every method.
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,12 +50,12 @@ class Problem(Protocol):
 
 
 @dataclass
-class Classification:
-    """A classifier fine-tuned on `train`; a query's measurement is its negative margin."""
+class Trained:
+    """What every problem holds: the adapted, untrained model and its training and query examples."""
 
-    template: nn.Module  # the adapted, untrained model
-    train: Examples
-    queries: Examples
+    template: nn.Module
+    train: Sized
+    queries: Sized
 
     @property
     def train_size(self) -> int:
@@ -66,6 +67,14 @@ class Classification:
 
     def model_at(self, tensors: dict[str, torch.Tensor]) -> nn.Module:
         return model_at(self.template, tensors)
+
+
+@dataclass
+class Classification(Trained):
+    """A classifier fine-tuned on `train`; a query's measurement is its negative margin."""
+
+    train: Examples
+    queries: Examples
 
     def check(self, final: nn.Module) -> None:
         with torch.no_grad():
