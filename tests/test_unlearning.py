@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from dsire.hashing import file_sha256
 from dsire.lab.build import Lab, build_lab
 from dsire.unlearn import read_ids, unlearn
 from dsire.unlearning.adapters import deterministic, fit, forget, predict_logits
-from dsire.unlearning.clusters import ClusterSettings, fit_prototypes, route
+from dsire.unlearning.clusters import ClusterSettings, fit_prototypes, merge_small, route
 from dsire.unlearning.evaluation import EvaluationSettings, deletion_sets
 from dsire.unlearning.model import UnlearnableModel, load_model, save_model
 from tests.conftest import ROOT, run_script
@@ -88,10 +89,22 @@ def test_routing_picks_the_nearest_living_prototype() -> None:
     assert route(points, prototypes, []).tolist() == [-1] * 4  # nothing left: the public backbone
 
 
+def test_small_clusters_merge_smallest_first_into_the_nearest_served_prototype() -> None:
+    prototypes = torch.tensor([[0.0], [1.0], [5.0], [6.0], [20.0]], dtype=torch.float64)
+    nearest = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2, 4, 4])  # sizes 3, 1, 4, 0, 2
+    assert merge_small(nearest, prototypes, 1) == [0, 1, 2, -1, 4]  # only the empty one goes
+    assert merge_small(nearest, prototypes, 2) == [0, 0, 2, -1, 4]  # 1 -> 0 (distance 1, not 4)
+    assert merge_small(nearest, prototypes, 3) == [0, 0, 2, -1, 2]  # then 4 -> 2: prototype 3 serves no one
+    assert merge_small(nearest, prototypes, 5) == [2, 2, 2, -1, 2]  # and 0 (4 < 5) -> 2, its nearest served
+    assert merge_small(nearest, prototypes, 11) == [2, 2, 2, -1, 2]  # one cluster left, however small
+    assert merge_small(torch.tensor([], dtype=torch.long), prototypes, 3) == [-1] * 5
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
         ({"n_clusters": 4, "adaptive_quantile": 0.5}, "set exactly one of"),
+        ({"min_size": 0}, "0 must be ≥ 1"),
         ({"n_clusters": 0}, "0 must be ≥ 1"),
         ({"n_clusters": None, "adaptive_quantile": 1.5}, "1.5 is not in (0, 1)"),
     ],
@@ -130,6 +143,26 @@ def test_forget_equals_retrain_bitwise(lab: Lab, fitted: Path, tmp_path: Path) -
     assert 3 not in result.model.alive and result.examples_reprocessed == 68 + 26
     logits = predict_logits(result.model, lab, lab.task.test)
     assert torch.isfinite(logits).all() and len(logits) == len(lab.task.test)
+
+
+def test_forget_below_the_minimum_size_merges_and_still_equals_retrain(lab: Lab, fitted: Path, tmp_path: Path) -> None:
+    """Cluster 3 (12 members) falls to 11 < 12: it merges into its neighbour, which alone retrains."""
+    model = load_model(fitted / "model.safetensors")
+    settings = {**model.config["unlearning"]["clustering"], "min_size": 12}
+    clustering = ClusterSettings(**settings)
+    # no cluster is below 12 at fit time, so the fitted adapters are those of min_size 12
+    model = dataclasses.replace(model, config={**model.config, "unlearning": {"clustering": settings}})
+    request = [model.members[3][0]]
+    with deterministic():
+        result = forget(model, lab, clustering, request)
+        retrained = fit(lab, clustering, model.config, set(request))
+    assert same_model(result.model, retrained, tmp_path)
+    (target,) = result.retrained
+    assert result.removed == [3] and result.model.owner == [0, 1, 2, 0] and target == 0  # prototype 0 is nearest 3
+    assert result.model.members[target] == sorted(
+        model.members[target] + model.members[3][1:], key=lab.task.private.ids.index
+    )
+    assert result.examples_reprocessed == 69 + 11
 
 
 def test_forget_everything_falls_back_to_the_public_backbone(lab: Lab, fitted: Path, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from dsire.lab.methods import weight_change
 from dsire.privacy.attacks import gradient_alignment, loss_attack
 from dsire.privacy.metrics import summarise
 from dsire.unlearning.adapters import predict_logits, trained_module
-from dsire.unlearning.clusters import features, route
+from dsire.unlearning.clusters import features
 from dsire.unlearning.model import UnlearnableModel
 
 
@@ -51,7 +51,7 @@ def audit_forgotten(
 def scores(lab: Lab, model: UnlearnableModel, examples: Examples) -> dict[str, np.ndarray]:
     """{attack: [examples]} membership scores of `examples` under `model` (higher = more likely a member)."""
     losses = F.cross_entropy(predict_logits(model, lab, examples), examples.labels, reduction="none")
-    routed = route(features(lab.backbone, examples), model.prototypes, model.alive)
+    routed = model.route(features(lab.backbone, examples))
     base = dict(lab.backbone.state_dict())
     deltas = {c: weight_change(trained_module(lab, model.seeds[c], model.states[c]), base) for c in model.alive}
     names = sorted({n for delta in deltas.values() for n, d in delta.items() if d.any()})
