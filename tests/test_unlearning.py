@@ -24,6 +24,7 @@ from dsire.unlearn import read_ids, unlearn
 from dsire.unlearning.adapters import deterministic, fit, forget, predict_logits
 from dsire.unlearning.clusters import ClusterSettings, fit_prototypes, merge_small, route
 from dsire.unlearning.evaluation import EvaluationSettings, deletion_sets
+from dsire.unlearning.membership import ATTACKS, GROUPS, MembershipSettings, audit_forget
 from dsire.unlearning.model import UnlearnableModel, load_model, save_model
 from tests.conftest import ROOT, run_script
 
@@ -203,6 +204,7 @@ def test_ids_are_ids_or_unique_file_names(lab: Lab, tmp_path: Path) -> None:
         (["mode=erase"], "mode: 'erase' is not one of forget, retrain"),
         (["unlearning.clustering.adaptive_quantile=0.5"], "unlearning.clustering.n_clusters: set exactly one of"),
         (["evaluation={fractions:[0.5,1.5]}"], "evaluation.fractions: [0.5, 1.5]: each in (0, 1)"),
+        (["membership={shadow_models:3}"], "membership.shadow_models: 3: LiRA needs an even number ≥ 4"),
     ],
 )
 def test_user_mistakes_name_their_key(tmp_path: Path, overrides: list[str], message: str) -> None:
@@ -274,3 +276,29 @@ def test_deletion_sets_are_seeded_random_samples_and_whole_classes(lab: Lab) -> 
         gone = {labels[ids.index(e)] for e in chosen}
         assert len(gone) == classes and chosen == [e for e, y in zip(ids, labels, strict=True) if y in gone]
     assert deletion_sets(lab, settings) == sets and deletion_sets(lab, EvaluationSettings(seed=4))[0] != sets[0]
+
+
+def test_lira_audit_of_a_forget_request(lab: Lab, fitted: Path) -> None:
+    """The audit's forget equals a retrain, so the forgotten score like never-seen examples by construction:
+    here the tiny recipe's headline AUCs are pinned (a regression in the shadows or the attacks moves them)."""
+    model = load_model(fitted / "model.safetensors")
+    clustering = ClusterSettings(**model.config["unlearning"]["clustering"])
+    with deterministic():
+        report = audit_forget(lab, clustering, model.config, MembershipSettings(shadow_models=4, resamples=100))
+    assert report["examples"] == {"never_seen": 12, "forgotten": 12, "remaining": 96}
+    assert report["shadow_models"] == 4
+    assert {k for k in report if k.count("/") == 2} == {
+        f"{a}/{g}/{m}" for a in ATTACKS for g in GROUPS for m in ("before", "after")
+    }
+    for key, cell in report.items():
+        if key.count("/") == 2:
+            assert cell["auc_ci"][0] <= cell["auc"] <= cell["auc_ci"][1], key
+    pinned = {  # 12 forgotten and 12 never-seen digits: wide intervals, the tiny recipe barely leaks
+        "lira_online/forgotten/before": 0.5625,
+        "lira_online/remaining/before": 0.4592,
+        "lira_online/forgotten/after": 0.5417,
+        "loss/forgotten/after": 0.4931,
+        "white_box/remaining/after": 0.5790,
+    }
+    assert {k: round(report[k]["auc"], 4) for k in pinned} == pytest.approx(pinned, abs=0.01)
+    assert report["lira_online/remaining/after"]["auc"] == pytest.approx(0.4601, abs=0.01)  # R keeps its score
