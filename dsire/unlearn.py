@@ -30,7 +30,8 @@ from dsire.settings import from_config
 from dsire.unlearning.adapters import deterministic, fit, forget, predict_logits, retrain
 from dsire.unlearning.clusters import ClusterSettings
 from dsire.unlearning.evaluation import EvaluationSettings, evaluate
-from dsire.unlearning.figures import METHODS, accuracy_vs_forgotten, cost_per_request
+from dsire.unlearning.figures import METHODS, accuracy_vs_forgotten, cost_per_request, membership_before_after
+from dsire.unlearning.membership import ATTACKS, GROUPS, MembershipSettings, audit_forget
 from dsire.unlearning.model import UnlearnableModel, load_model, save_model
 
 MODES = ("forget", "retrain")
@@ -57,6 +58,9 @@ def _fit(cfg: DictConfig) -> dict:
     evaluation = (
         None if cfg.get("evaluation") is None else from_config(EvaluationSettings, cfg.evaluation, "evaluation")
     )
+    membership = (
+        None if cfg.get("membership") is None else from_config(MembershipSettings, cfg.membership, "membership")
+    )
     lab = build_lab(cfg)
     recipe = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("task", "finetune", "unlearning")}
     started = time.perf_counter()
@@ -76,8 +80,11 @@ def _fit(cfg: DictConfig) -> dict:
     atomic_write_text(out / "fit.json", json.dumps(report, indent=1))
     trainer = job_loggers(cfg, out)
     log_metrics(trainer, {k: v for k, v in report.items() if isinstance(v, int | float)})
-    if evaluation is not None:
-        _write_evaluation(evaluate(lab, model, clustering, evaluation), out, trainer)
+    results = {} if evaluation is None else evaluate(lab, model, clustering, evaluation)
+    if membership is not None:
+        results["membership"] = audit_forget(lab, clustering, recipe, membership)
+    if results:
+        _write_evaluation(results, out, trainer)
     finish_loggers(trainer)
     Report(quiet=False, width=PIPED_WIDTH)(
         f"{len(model.alive)} clusters with private members of {len(model.prototypes)}; test accuracy "
@@ -132,11 +139,27 @@ def _forget(cfg: DictConfig) -> dict:
 
 def _write_evaluation(report: dict, out: Path, trainer: pl.Trainer) -> None:
     atomic_write_text(out / "unlearning.json", json.dumps(report, indent=1))
-    for key, draw in (("unlearning/accuracy", accuracy_vs_forgotten), ("unlearning/cost", cost_per_request)):
-        figure = draw(report)
-        log_figure(trainer, key, figure, out)
-        plt.close(figure)
-    log_metrics(trainer, {f"unlearning/{k}": v for k, v in report["goals"].items()})
+    figures = (
+        ("unlearning/accuracy", accuracy_vs_forgotten, "deletions"),
+        ("unlearning/cost", cost_per_request, "cost_per_request"),
+        ("unlearning/membership", membership_before_after, "membership"),
+    )
+    for key, draw, needs in figures:
+        if needs in report:
+            figure = draw(report)
+            log_figure(trainer, key, figure, out)
+            plt.close(figure)
+    say = Report(quiet=False, width=PIPED_WIDTH)
+    if "deletions" in report:
+        log_metrics(trainer, {f"unlearning/{k}": v for k, v in report["goals"].items()})
+        say(_accuracy_table(report))
+        say(_cost_table(report))
+    if "membership" in report:
+        say(_membership_table(report["membership"]))
+    say(f"results: {out / 'unlearning.json'}, {out / 'figures'}")
+
+
+def _accuracy_table(report: dict) -> Table:
     table = Table(title="accuracy before and after forgetting (test split)")
     for column in ("deletion", "examples", *METHODS):
         table.add_column(column)
@@ -144,16 +167,30 @@ def _write_evaluation(report: dict, out: Path, trainer: pl.Trainer) -> None:
     for row in report["deletions"]:
         cells = (f"{row['accuracy'][m]:.4f}" for m in METHODS)
         table.add_row(f"{row['kind']} {row['fraction']:.2f}", str(row["examples"]), *cells)
+    return table
+
+
+def _cost_table(report: dict) -> Table:
     costs = Table(title="cost of forgetting one example (median over requests)")
     keys = ("parameters_retrained", "seconds", "cpu_seconds", "examples_reprocessed")
     for column in ("method", *keys):
         costs.add_column(column.replace("_", " "))
     for name, cost in report["cost_per_request"].items():
         costs.add_row(name, *(f"{cost[k]:.3f}" if "seconds" in k else f"{cost[k]:.0f}" for k in keys))
-    say = Report(quiet=False, width=PIPED_WIDTH)
-    say(table)
-    say(costs)
-    say(f"results: {out / 'unlearning.json'}, {out / 'figures'}")
+    return costs
+
+
+def _membership_table(membership: dict) -> Table:
+    table = Table(title="membership AUC against never-seen private examples [95% CI]")
+    for column in ("attack", "group", "before forget", "after forget"):
+        table.add_column(column)
+    for attack in ATTACKS:
+        for group in GROUPS:
+            cells = (membership[f"{attack}/{group}/{moment}"] for moment in ("before", "after"))
+            table.add_row(
+                attack, group, *(f"{c['auc']:.3f} [{c['auc_ci'][0]:.3f}, {c['auc_ci'][1]:.3f}]" for c in cells)
+            )
+    return table
 
 
 def lab_of(model: UnlearnableModel, cfg: DictConfig) -> Lab:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,8 +22,9 @@ from dsire.hashing import file_sha256
 from dsire.lab.build import Lab, build_lab
 from dsire.unlearn import read_ids, unlearn
 from dsire.unlearning.adapters import deterministic, fit, forget, predict_logits
-from dsire.unlearning.clusters import ClusterSettings, fit_prototypes, route
+from dsire.unlearning.clusters import ClusterSettings, fit_prototypes, merge_small, route
 from dsire.unlearning.evaluation import EvaluationSettings, deletion_sets
+from dsire.unlearning.membership import ATTACKS, GROUPS, MembershipSettings, audit_forget
 from dsire.unlearning.model import UnlearnableModel, load_model, save_model
 from tests.conftest import ROOT, run_script
 
@@ -88,10 +90,22 @@ def test_routing_picks_the_nearest_living_prototype() -> None:
     assert route(points, prototypes, []).tolist() == [-1] * 4  # nothing left: the public backbone
 
 
+def test_small_clusters_merge_smallest_first_into_the_nearest_served_prototype() -> None:
+    prototypes = torch.tensor([[0.0], [1.0], [5.0], [6.0], [20.0]], dtype=torch.float64)
+    nearest = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2, 4, 4])  # sizes 3, 1, 4, 0, 2
+    assert merge_small(nearest, prototypes, 1) == [0, 1, 2, -1, 4]  # only the empty one goes
+    assert merge_small(nearest, prototypes, 2) == [0, 0, 2, -1, 4]  # 1 -> 0 (distance 1, not 4)
+    assert merge_small(nearest, prototypes, 3) == [0, 0, 2, -1, 2]  # then 4 -> 2: prototype 3 serves no one
+    assert merge_small(nearest, prototypes, 5) == [2, 2, 2, -1, 2]  # and 0 (4 < 5) -> 2, its nearest served
+    assert merge_small(nearest, prototypes, 11) == [2, 2, 2, -1, 2]  # one cluster left, however small
+    assert merge_small(torch.tensor([], dtype=torch.long), prototypes, 3) == [-1] * 5
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
         ({"n_clusters": 4, "adaptive_quantile": 0.5}, "set exactly one of"),
+        ({"min_size": 0}, "0 must be ≥ 1"),
         ({"n_clusters": 0}, "0 must be ≥ 1"),
         ({"n_clusters": None, "adaptive_quantile": 1.5}, "1.5 is not in (0, 1)"),
     ],
@@ -132,6 +146,26 @@ def test_forget_equals_retrain_bitwise(lab: Lab, fitted: Path, tmp_path: Path) -
     assert torch.isfinite(logits).all() and len(logits) == len(lab.task.test)
 
 
+def test_forget_below_the_minimum_size_merges_and_still_equals_retrain(lab: Lab, fitted: Path, tmp_path: Path) -> None:
+    """Cluster 3 (12 members) falls to 11 < 12: it merges into its neighbour, which alone retrains."""
+    model = load_model(fitted / "model.safetensors")
+    settings = {**model.config["unlearning"]["clustering"], "min_size": 12}
+    clustering = ClusterSettings(**settings)
+    # no cluster is below 12 at fit time, so the fitted adapters are those of min_size 12
+    model = dataclasses.replace(model, config={**model.config, "unlearning": {"clustering": settings}})
+    request = [model.members[3][0]]
+    with deterministic():
+        result = forget(model, lab, clustering, request)
+        retrained = fit(lab, clustering, model.config, set(request))
+    assert same_model(result.model, retrained, tmp_path)
+    (target,) = result.retrained
+    assert result.removed == [3] and result.model.owner == [0, 1, 2, 0] and target == 0  # prototype 0 is nearest 3
+    assert result.model.members[target] == sorted(
+        model.members[target] + model.members[3][1:], key=lab.task.private.ids.index
+    )
+    assert result.examples_reprocessed == 69 + 11
+
+
 def test_forget_everything_falls_back_to_the_public_backbone(lab: Lab, fitted: Path, tmp_path: Path) -> None:
     model = load_model(fitted / "model.safetensors")
     clustering = ClusterSettings(**model.config["unlearning"]["clustering"])
@@ -170,6 +204,7 @@ def test_ids_are_ids_or_unique_file_names(lab: Lab, tmp_path: Path) -> None:
         (["mode=erase"], "mode: 'erase' is not one of forget, retrain"),
         (["unlearning.clustering.adaptive_quantile=0.5"], "unlearning.clustering.n_clusters: set exactly one of"),
         (["evaluation={fractions:[0.5,1.5]}"], "evaluation.fractions: [0.5, 1.5]: each in (0, 1)"),
+        (["membership={shadow_models:3}"], "membership.shadow_models: 3: LiRA needs an even number ≥ 4"),
     ],
 )
 def test_user_mistakes_name_their_key(tmp_path: Path, overrides: list[str], message: str) -> None:
@@ -241,3 +276,29 @@ def test_deletion_sets_are_seeded_random_samples_and_whole_classes(lab: Lab) -> 
         gone = {labels[ids.index(e)] for e in chosen}
         assert len(gone) == classes and chosen == [e for e, y in zip(ids, labels, strict=True) if y in gone]
     assert deletion_sets(lab, settings) == sets and deletion_sets(lab, EvaluationSettings(seed=4))[0] != sets[0]
+
+
+def test_lira_audit_of_a_forget_request(lab: Lab, fitted: Path) -> None:
+    """The audit's forget equals a retrain, so the forgotten score like never-seen examples by construction:
+    here the tiny recipe's headline AUCs are pinned (a regression in the shadows or the attacks moves them)."""
+    model = load_model(fitted / "model.safetensors")
+    clustering = ClusterSettings(**model.config["unlearning"]["clustering"])
+    with deterministic():
+        report = audit_forget(lab, clustering, model.config, MembershipSettings(shadow_models=4, resamples=100))
+    assert report["examples"] == {"never_seen": 12, "forgotten": 12, "remaining": 96}
+    assert report["shadow_models"] == 4
+    assert {k for k in report if k.count("/") == 2} == {
+        f"{a}/{g}/{m}" for a in ATTACKS for g in GROUPS for m in ("before", "after")
+    }
+    for key, cell in report.items():
+        if key.count("/") == 2:
+            assert cell["auc_ci"][0] <= cell["auc"] <= cell["auc_ci"][1], key
+    pinned = {  # 12 forgotten and 12 never-seen digits: wide intervals, the tiny recipe barely leaks
+        "lira_online/forgotten/before": 0.5625,
+        "lira_online/remaining/before": 0.4592,
+        "lira_online/forgotten/after": 0.5417,
+        "loss/forgotten/after": 0.4931,
+        "white_box/remaining/after": 0.5790,
+    }
+    assert {k: round(report[k]["auc"], 4) for k in pinned} == pytest.approx(pinned, abs=0.01)
+    assert report["lira_online/remaining/after"]["auc"] == pytest.approx(0.4601, abs=0.01)  # R keeps its score

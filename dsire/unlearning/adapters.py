@@ -28,7 +28,7 @@ from dsire.lab.build import Lab
 from dsire.lab.data import Examples
 from dsire.lab.ensemble import train
 from dsire.lab.methods import FinetuneSettings, adapt
-from dsire.unlearning.clusters import ClusterSettings, features, fit_prototypes, route
+from dsire.unlearning.clusters import ClusterSettings, features, fit_prototypes, merge_small, route
 from dsire.unlearning.model import UnlearnableModel
 
 
@@ -84,13 +84,20 @@ def prototypes_for(lab: Lab, clustering: ClusterSettings, forgotten: set[str]) -
     return fit_prototypes(features(lab.backbone, lab.task.private)[keep], clustering)
 
 
-def assignments(lab: Lab, prototypes: torch.Tensor) -> dict[int, list[str]]:
-    """Cluster -> ids of the private examples nearest its prototype (every prototype a candidate)."""
-    routed = route(features(lab.backbone, lab.task.private), prototypes, list(range(len(prototypes))))
+def partition(
+    lab: Lab, prototypes: torch.Tensor, forgotten: set[str], min_size: int
+) -> tuple[dict[int, list[str]], list[int]]:
+    """(cluster -> ids of its private members, in split order; prototype -> serving cluster): each
+    private example not `forgotten` goes to its nearest prototype, then small clusters merge
+    (`merge_small`). A function of the public prototypes and the members left only, so `forget`
+    recomputes exactly what `fit` on the remaining data computes."""
+    nearest = route(features(lab.backbone, lab.task.private), prototypes, list(range(len(prototypes))))
+    kept = [(e, p) for e, p in zip(lab.task.private.ids, nearest.tolist(), strict=True) if e not in forgotten]
+    owner = merge_small(torch.as_tensor([p for _, p in kept], dtype=torch.long), prototypes, min_size)
     groups: dict[int, list[str]] = {}
-    for example, cluster in zip(lab.task.private.ids, routed.tolist(), strict=True):
-        groups.setdefault(cluster, []).append(example)
-    return groups
+    for example, p in kept:
+        groups.setdefault(owner[p], []).append(example)
+    return dict(sorted(groups.items())), owner
 
 
 def fit(
@@ -103,8 +110,7 @@ def fit(
     """Cluster, assign and train every cluster on its private examples that are not `forgotten`."""
     prototypes = prototypes_for(lab, clustering, forgotten)
     index = {e: i for i, e in enumerate(lab.task.private.ids)}
-    members = {c: [e for e in ids if e not in forgotten] for c, ids in assignments(lab, prototypes).items()}
-    members = {c: ids for c, ids in sorted(members.items()) if ids}
+    members, owner = partition(lab, prototypes, forgotten, clustering.min_size)
     model = UnlearnableModel(
         config=config,
         recipe=lab.recipe,
@@ -112,6 +118,7 @@ def fit(
         prototypes=prototypes,
         members=members,
         seeds={},
+        owner=owner,
         states={},
         forgotten=sorted(forgotten),
     )
@@ -129,7 +136,7 @@ class ForgetResult:
     already_forgotten: list[str]
     duplicates: int
     retrained: list[int]  # clusters whose adapter was retrained
-    removed: list[int]  # clusters that lost all their members (their inputs go to the next nearest)
+    removed: list[int]  # clusters that lost all their members or were merged (their inputs go elsewhere)
     examples_reprocessed: int  # members of the retrained clusters (what their training read)
 
 
@@ -140,7 +147,8 @@ def forget(
     requested: list[str],
     progress: Progress | None = None,
 ) -> ForgetResult:
-    """A new model without the `requested` private examples: only their clusters are retrained."""
+    """A new model without the `requested` private examples: only the clusters whose members change
+    (theirs, and a neighbour that absorbs one fallen below `min_size`) are retrained."""
     if clustering.prototypes_from != "public":
         raise UserError(
             "unlearning.clustering.prototypes_from",
@@ -148,30 +156,20 @@ def forget(
         )
     known = {e: i for i, e in enumerate(lab.task.private.ids)}
     unique, new, already = split_request(model, requested)
-    cluster_of = {e: c for c, ids in model.members.items() for e in ids}
-    touched = sorted({cluster_of[e] for e in new})
-    gone = set(new)
-    result = dataclasses.replace(
-        model,
-        members=dict(model.members),
-        seeds=dict(model.seeds),
-        states=dict(model.states),
-        forgotten=sorted(set(model.forgotten) | gone),
-    )
-    retrained, removed, reprocessed = [], [], 0
-    for cluster in touched:
-        remaining = [e for e in model.members[cluster] if e not in gone]
-        if not remaining:
-            for table in (result.members, result.seeds, result.states):
-                del table[cluster]
-            removed.append(cluster)
+    forgotten = set(model.forgotten) | set(new)
+    members, owner = partition(lab, model.prototypes, forgotten, clustering.min_size)
+    result = dataclasses.replace(model, members=members, seeds={}, owner=owner, states={}, forgotten=sorted(forgotten))
+    retrained = []
+    for cluster, ids in members.items():
+        if model.members.get(cluster) == ids:  # the same members: the same adapter, bit for bit
+            result.seeds[cluster], result.states[cluster] = model.seeds[cluster], model.states[cluster]
             continue
         if progress:
-            progress(cluster, len(remaining))
-        result.members[cluster] = remaining
-        result.seeds[cluster], result.states[cluster] = train_cluster(lab, cluster, remaining, known)
+            progress(cluster, len(ids))
+        result.seeds[cluster], result.states[cluster] = train_cluster(lab, cluster, ids, known)
         retrained.append(cluster)
-        reprocessed += len(remaining)
+    removed = sorted(set(model.alive) - set(members))
+    reprocessed = sum(len(members[c]) for c in retrained)
     return ForgetResult(result, new, already, len(requested) - len(unique), retrained, removed, reprocessed)
 
 
@@ -200,7 +198,7 @@ def split_request(model: UnlearnableModel, requested: list[str]) -> tuple[list[s
 def predict_logits(model: UnlearnableModel, lab: Lab, examples: Examples) -> torch.Tensor:
     """[n, classes]: each input through the adapter of its nearest living cluster; the public
     backbone alone when every cluster has been forgotten."""
-    routed = route(features(lab.backbone, examples), model.prototypes, model.alive)
+    routed = model.route(features(lab.backbone, examples))
     inputs = examples.take(torch.arange(len(examples)))
     device = next(lab.backbone.parameters()).device
     logits = torch.empty(len(examples), lab.task.classes)

@@ -6,6 +6,12 @@ example shapes a prototype or another example's assignment, and forgetting one e
 nothing outside its own cluster. Clustering the private features instead (`prototypes_from:
 private`, the paper's choice) lets every private example move every cluster boundary, so removing
 one would require re-clustering everything: such models can be retrained, not forgotten from.
+
+A cluster with fewer than `min_size` private members is merged into the cluster of the nearest
+other public prototype (`merge_small`): its members train with that cluster and its inputs are
+routed there. Which clusters merge is a function of the public prototypes and the private members
+left, recomputed by `fit` and by every `forget` alike, so a forget still equals a retrain; the price
+is that a request which takes a cluster below `min_size` retrains its neighbour as well.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class ClusterSettings:
     n_clusters: int | None = 10
     distance_threshold: float | None = None
     adaptive_quantile: float | None = None
+    min_size: int = 1  # fewer private members: merged into the nearest other cluster (1: only empty ones go)
 
     def __post_init__(self) -> None:
         chosen = [self.n_clusters, self.distance_threshold, self.adaptive_quantile]
@@ -45,6 +52,7 @@ class ClusterSettings:
             "set exactly one of n_clusters, distance_threshold, adaptive_quantile (the others null)",
         )
         require(self.n_clusters is None or self.n_clusters >= 1, "n_clusters", f"{self.n_clusters} must be ≥ 1")
+        require(self.min_size >= 1, "min_size", f"{self.min_size} must be ≥ 1")
         require(
             self.distance_threshold is None or self.distance_threshold > 0,
             "distance_threshold",
@@ -90,3 +98,21 @@ def route(points: torch.Tensor, prototypes: torch.Tensor, alive: list[int]) -> t
     candidates = torch.as_tensor(sorted(alive))
     distances = torch.cdist(points, prototypes[candidates])
     return candidates[distances.argmin(dim=1)]
+
+
+def merge_small(nearest: torch.Tensor, prototypes: torch.Tensor, min_size: int) -> list[int]:
+    """owner[p]: the cluster that serves prototype p (-1: none) when each example goes to the cluster
+    of its `nearest` prototype and clusters with fewer than `min_size` examples are merged, smallest
+    first (ties to the lowest index), into the cluster owning the prototype nearest their own."""
+    counts = torch.bincount(nearest, minlength=len(prototypes)).tolist()
+    owner = [p if counts[p] else -1 for p in range(len(prototypes))]
+    while True:
+        alive = sorted(set(owner) - {-1})
+        small = [c for c in alive if counts[c] < min_size]
+        if not small or len(alive) < 2:
+            return owner
+        cluster = min(small, key=lambda c: (counts[c], c))
+        others = [p for p, c in enumerate(owner) if c not in (-1, cluster)]
+        target = owner[others[int(torch.cdist(prototypes[cluster : cluster + 1], prototypes[others]).argmin())]]
+        counts[target] += counts[cluster]
+        owner = [target if c == cluster else c for c in owner]

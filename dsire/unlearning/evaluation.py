@@ -38,7 +38,6 @@ from dsire.unlearning.adapters import (
     trained_module,
 )
 from dsire.unlearning.clusters import ClusterSettings
-from dsire.unlearning.membership import audit_forgotten
 from dsire.unlearning.model import UnlearnableModel
 
 COSTED = ("per_cluster", "sisa", "retrain_private_stage", "global_adapter", "full_finetune")
@@ -52,13 +51,11 @@ class EvaluationSettings:
 
     fractions: tuple[float, ...] = (0.1, 0.25, 0.5)
     requests: int = 5  # single-example forget requests timed for the cost table
-    resamples: int = 1000  # bootstrap resamples of the membership audit's intervals
     seed: int = 0
 
     def __post_init__(self) -> None:
         require(all(0 < f < 1 for f in self.fractions), "fractions", f"{list(self.fractions)}: each in (0, 1)")
         require(self.requests >= 1, "requests", f"{self.requests} must be at least 1")
-        require(self.resamples >= 100, "resamples", f"{self.resamples}: at least 100 bootstrap resamples")
 
 
 def evaluate(lab: Lab, model: UnlearnableModel, clustering: ClusterSettings, settings: EvaluationSettings) -> dict:
@@ -76,7 +73,7 @@ def evaluate(lab: Lab, model: UnlearnableModel, clustering: ClusterSettings, set
         **baselines.accuracies(set()),
         "public_backbone": accuracy_of(logits_of(lab.backbone, lab), lab),
     }
-    deletions, membership = [], {}
+    deletions = []
     for kind, chosen in deletion_sets(lab, settings):
         result, (seconds, _) = timed(lambda c=chosen: forget(model, lab, clustering, c))
         row = {"kind": kind, "fraction": len(chosen) / len(ids), "examples": len(chosen)}
@@ -85,10 +82,6 @@ def evaluate(lab: Lab, model: UnlearnableModel, clustering: ClusterSettings, set
         row |= {"clusters_retrained": len(result.retrained), "clusters_removed": len(result.removed)}
         row |= {"seconds": seconds}
         deletions.append(row)
-        if kind == "random" and not membership:  # the smallest random deletion: like the test split
-            membership = {"examples": len(chosen)} | audit_forgotten(
-                lab, model, result.model, chosen, settings.resamples
-            )
     costs = request_costs(lab, model, clustering, baselines, settings)
     gap = before["global_adapter"] - before["per_cluster"]
     return {
@@ -98,7 +91,6 @@ def evaluate(lab: Lab, model: UnlearnableModel, clustering: ClusterSettings, set
         "members": {str(c): len(m) for c, m in model.members.items()},
         "accuracy_before": before,
         "deletions": deletions,
-        "membership": membership,
         "cost_per_request": costs,
         "goals": {
             "parameters_full_finetune_over_per_cluster": costs["full_finetune"]["parameters_retrained"]

@@ -2,7 +2,8 @@
 
 The file holds tensors (prototypes, each cluster's trainable tensors) and a JSON header with
 everything needed to rebuild and retrain it: the task, fine-tune and unlearning settings, the
-backbone's hash, each cluster's seed and member ids, and the ids forgotten so far. Nothing in it
+backbone's hash, which cluster serves each prototype, each cluster's seed and member ids, and the
+ids forgotten so far. Nothing in it
 depends on when or how fast it was made, so a forget and a retrain of the same data write the
 same bytes.
 """
@@ -20,8 +21,9 @@ from dsire.atomic import atomic_path
 from dsire.errors import UserError
 from dsire.lora.files import read_safetensors
 from dsire.lora.model import LoRAError
+from dsire.unlearning.clusters import route
 
-MODEL_VERSION = 1
+MODEL_VERSION = 2
 HEADER_KEY = "dsire_unlearning"
 
 
@@ -33,6 +35,7 @@ class UnlearnableModel:
     prototypes: torch.Tensor  # [k, d] float64
     members: dict[int, list[str]]  # cluster -> ids of the private examples it trained on (never empty)
     seeds: dict[int, int]
+    owner: list[int]  # prototype -> the cluster serving its inputs (-1: none; another: merged into it)
     states: dict[int, dict[str, torch.Tensor]] = field(repr=False)  # cluster -> trainable tensors
     forgotten: list[str] = field(default_factory=list)  # sorted ids removed by forget requests
 
@@ -40,6 +43,12 @@ class UnlearnableModel:
     def alive(self) -> list[int]:
         """Clusters with an adapter, in index order."""
         return sorted(self.states)
+
+    def route(self, points: torch.Tensor) -> torch.Tensor:
+        """[n] the cluster serving each point: its nearest served prototype's owner (-1 when none is)."""
+        served = [p for p, cluster in enumerate(self.owner) if cluster >= 0]
+        owner = torch.as_tensor([*self.owner, -1])
+        return owner[route(points, self.prototypes, served)]  # -1 indexes the appended -1
 
     def adapter_parameters(self, cluster: int) -> int:
         return sum(t.numel() for t in self.states[cluster].values())
@@ -57,6 +66,7 @@ def save_model(model: UnlearnableModel, path: Path) -> None:
         "backbone_sha256": model.backbone_sha256,
         "members": {str(c): ids for c, ids in sorted(model.members.items())},
         "seeds": {str(c): s for c, s in sorted(model.seeds.items())},
+        "owner": model.owner,
         "forgotten": model.forgotten,
     }
     with atomic_path(path) as tmp:
@@ -78,8 +88,9 @@ def load_model(path: Path, where: str = "ckpt") -> UnlearnableModel:
                 _, cluster, name = key.split("/", 2)
                 states.setdefault(int(cluster), {})[name] = tensor.clone()
         members = {int(c): list(ids) for c, ids in header["members"].items()}
-        if set(members) != set(states):
-            raise ValueError("clusters with members and clusters with adapters differ")
+        owner = [int(c) for c in header["owner"]]
+        if set(members) != set(states) or set(owner) - {-1} != set(states) or len(owner) != len(tensors["prototypes"]):
+            raise ValueError("clusters with members, with adapters and serving prototypes differ")
         return UnlearnableModel(
             config=header["config"],
             recipe=header["recipe"],
@@ -87,6 +98,7 @@ def load_model(path: Path, where: str = "ckpt") -> UnlearnableModel:
             prototypes=tensors["prototypes"].clone(),
             members=members,
             seeds={int(c): int(s) for c, s in header["seeds"].items()},
+            owner=owner,
             states=states,
             forgotten=list(header["forgotten"]),
         )
