@@ -168,7 +168,6 @@ def test_manifest_rows_are_checked_too(tmp_path):
         from_manifest(tmp_path / "manifest.csv")
 
 
-
 def test_a_manifest_with_several_snapshots_gives_one_step(tmp_path):
     """Snapshots of different steps are different recipes: never mixed, the last by default."""
     rows = "".join(f"s{step}_n{n}.safetensors,{n},c,{step}\n" for step in (100, 200) for n in (1, 2))
@@ -178,6 +177,7 @@ def test_a_manifest_with_several_snapshots_gives_one_step(tmp_path):
     assert [Path(e.path).name for e in first] == ["s100_n1.safetensors", "s100_n2.safetensors"]
     with pytest.raises(UserError, match=r"data.source.step: 150 is not among .* snapshot steps \[100, 200\]"):
         from_manifest(tmp_path / "manifest.csv", 150)
+
 
 # --- entry points, run as users run them ---------------------------------------------------------
 
