@@ -17,7 +17,7 @@ from rich.table import Table
 
 from dsire.atomic import atomic_write_csv
 from dsire.data.sources import from_labels_dir, from_manifest
-from dsire.errors import EXIT_CODE, UserError
+from dsire.errors import EXIT_CODE, UserError, user_error
 from dsire.harvest import CONCEPT_SOURCES, harvest, write_labels
 from dsire.lora import FORMATS, LoRA, LoRAError, load_lora, subset_rank
 from dsire.lora.family import guess_base_model
@@ -129,7 +129,7 @@ def _lorawise(args: argparse.Namespace) -> int:
         entries = from_manifest(zoo / "manifest.csv") if (zoo / "manifest.csv").is_file() else from_labels_dir(zoo)
         loras = [(entry.load(), entry.n, entry.concept) for entry in entries]
     except (LoRAError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_error(exc) or exc}", file=sys.stderr)
         return 1
     ranks = {layer.rank for lora, _, _ in loras for layer in lora.layers.values()}
     if not args.nested and (len(ranks) != 1 or subset_rank(out) not in ranks):
@@ -140,7 +140,7 @@ def _lorawise(args: argparse.Namespace) -> int:
     try:
         write_lorawise(loras, out, nested=args.nested)
     except (LoRAError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_error(exc) or exc}", file=sys.stderr)
         return 1
     print(f"wrote {len(loras)} LoRAs of {len({c for _, _, c in loras})} concepts to {out}")
     return 0

@@ -72,3 +72,5 @@ def test_lorawise_command_keeps_every_delta_and_label(unet_finetune, unet_finetu
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'toy.parquet'}: rank 4 is not in its name")
     assert main(["lorawise", str(mixed), str(tmp_path / "low_4_mixed.parquet")]) == 1
     assert "ranks [2, 4]" in capsys.readouterr().err and not (tmp_path / "low_4_mixed.parquet").exists()
+    assert main(["lorawise", str(tmp_path / "no_zoo"), str(tmp_path / "low_4.parquet")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'no_zoo' / 'labels.csv'}: No such file or directory\n"
