@@ -31,7 +31,7 @@ SETTINGS = (((1, 3, 5), (2, 4, 6)), ((2, 4, 6), (1, 3, 5)), ((1, 2, 3, 4, 5, 6),
 def default_voters(zoo: Path, cache: Path) -> Features:
     """The zoo's features with the model's default voters (σ of ΔW, down and up per layer)."""
     source = {"kind": "manifest", "path": str(zoo)}
-    features = zoo_features(source, cache_dir=str(cache), cache_settings={"dtype": "float32"})
+    features = zoo_features(source, cache_dir=str(cache))
     return replace(features, vectors=FeatureSpec().derive(features.vectors))
 
 

@@ -26,15 +26,15 @@ def featurise(model: DSiReModule, trainer: pl.Trainer, loader) -> tuple[Features
     return features, f"{computed} computed from weights, {cached} from the cache, {unreadable} not usable"
 
 
-def zoo_features(
-    source: dict, cache_dir: str | None = None, cache_settings: dict | None = None, accelerator: str = "cpu"
-) -> Features:
+def zoo_features(source: dict, cache_dir: str | None = None, accelerator: str = "cpu") -> Features:
     """Every part (σ(ΔW), σ(down), σ(up), norms) of every layer of a zoo source (`data.source`'s keys),
-    on one device, spectra cached in `cache_dir` when given; unreadable LoRAs are in `errors`."""
-    split = {"protocol": "kfold", "folds": 2}  # not used: the whole zoo is featurised
-    datamodule = LoRAZooDataModule(source, split, cache_dir=cache_dir, cache_settings=cache_settings)
-    datamodule.setup()
+    on one device, spectra cached in `cache_dir` when given (under the model's spectra settings, as
+    `train.py` caches them); unreadable LoRAs are in `errors`."""
     model = DSiReModule(parts=PARTS)
+    settings = {"dtype": model.hparams.spectra_dtype, "precision": model.hparams.spectra_precision}
+    split = {"protocol": "kfold", "folds": 2}  # not used: the whole zoo is featurised
+    datamodule = LoRAZooDataModule(source, split, cache_dir=cache_dir, cache_settings=settings)
+    datamodule.setup()
     model.cache = datamodule.cache
     trainer = pl.Trainer(
         accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
