@@ -6,8 +6,9 @@ On the files of `benchmarks.featurise` (rank 32, kohya float16), warm (read once
 runs alone on one torch thread, in wall seconds (the profiler's operator times are wall times, so run
 it on an idle machine):
 - reading: `safetensors.load_file` alone, then dsire's bounded reader (checks, canonical names);
-- spectra: `batch_spectra`, split by `torch.profiler` into its operators (float64 conversion and
-  stacking, matrix products, Cholesky, eigendecompositions) and the Python around them;
+- spectra: `batch_spectra`'s Grams (float64 conversion and NumPy's products, layer by layer), its
+  r×r problems split by `torch.profiler` into operators (products, Cholesky, eigendecompositions),
+  and the Python around them;
 - feature vectors (`FeatureSpec.vectors` of every part) and spectra cache writes.
 Then the whole pass as `train.py` runs it (`benchmarks.featurise`'s `dsire_featurise`), in wall
 seconds, with one and with all torch threads. The table goes to benchmarks/README.md
@@ -22,6 +23,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,16 +36,10 @@ from benchmarks.synthetic import write_zoo
 from dsire.data.cache import SpectraCache
 from dsire.data.sources import from_manifest
 from dsire.models.features import ALL
-from dsire.spectra import batch_spectra
+from dsire.spectra import _chunks, _grams_in_turn, batch_spectra, gram_spectra
 
-OPERATORS = {  # profiler operator name -> stage
-    "aten::stack": "float64 conversion and stacking",
-    "aten::copy_": "float64 conversion and stacking",
-    "aten::empty": "float64 conversion and stacking",
-    "aten::to": "float64 conversion and stacking",
-    "aten::_to_copy": "float64 conversion and stacking",
-    "aten::bmm": "matrix products (Grams, r×r cores)",
-    "aten::matmul": "matrix products (Grams, r×r cores)",
+OPERATORS = {  # profiler operator name -> stage of the r×r problems
+    "aten::matmul": "r×r products (Fᵀ G_up F)",
     "aten::linalg_cholesky_ex": "Cholesky factors",
     "aten::linalg_eigvalsh": "eigendecompositions (3 r×r per layer)",
     "aten::linalg_eigh": "eigendecompositions (3 r×r per layer)",
@@ -57,15 +53,24 @@ def seconds_of(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 def spectra_stages(loras: list) -> dict[str, float]:
-    """`batch_spectra`'s seconds per stage: top-level operators by name, the rest is Python."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        total, _ = seconds_of(lambda: batch_spectra(loras))
+    """`batch_spectra`'s work chunk by chunk, as it runs it: the Grams (conversion into a buffer and
+    products, one layer at a time), then the r×r problems, split by `torch.profiler` into operators
+    and the Python around them."""
     stages: dict[str, float] = defaultdict(float)
-    for event in prof.events():
-        if event.cpu_parent is None:  # top-level calls only: nested ones are inside their parent's time
-            stages[OPERATORS.get(event.name, "other operators")] += event.cpu_time_total / 1e6
-    stages["Python around the operators (and the profiler)"] = total - sum(stages.values())
-    return dict(stages)
+    for chunk in _chunks(loras):
+        layers = [loras[i].layers[name] for i, name in chunk]
+        seconds, (gram_up, gram_down) = seconds_of(partial(_grams_in_turn, layers, torch.device("cpu"), torch.float64))
+        stages["float64 conversion and Gram products (NumPy's `syrk`)"] += seconds
+        scale = torch.tensor([layer.scale for layer in layers], dtype=torch.float64)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            seconds, _ = seconds_of(partial(gram_spectra, gram_up, gram_down, layers[0].shape, scale))
+        operators = 0.0
+        for event in prof.events():
+            if event.cpu_parent is None:  # top-level calls only: nested ones are inside their parent's time
+                stages[OPERATORS.get(event.name, "other operators")] += event.cpu_time_total / 1e6
+                operators += event.cpu_time_total / 1e6
+        stages["Python around the r×r operators (and the profiler)"] += seconds - operators
+    return {f"spectra: {stage}": seconds for stage, seconds in stages.items()}
 
 
 def main() -> None:
@@ -85,7 +90,7 @@ def main() -> None:
     seconds, loras = seconds_of(lambda: [e.load() for e in entries])
     rows.append(("read: dsire's bounded reader (checks, canonical names)", seconds))
     batch_spectra(loras[:2])
-    rows += [(f"spectra: {stage}", s) for stage, s in spectra_stages(loras).items()]
+    rows += list(spectra_stages(loras).items())
     spectra = batch_spectra(loras)
     seconds, _ = seconds_of(lambda: [ALL.vectors(s) for s in spectra])
     rows.append(("feature vectors (every part)", seconds))
@@ -110,7 +115,7 @@ def main() -> None:
         "",
         f"`{command_line()}` on {os.cpu_count()} CPU cores, torch {torch.__version__}; {len(files)} synthetic"
         " SD 1.5 LoRAs (128 layers, rank 32, kohya float16), warm. Each stage alone on one torch thread, wall"
-        " seconds (the spectra split by `torch.profiler`'s top-level operators).",
+        " seconds (the r×r problems split by `torch.profiler`'s top-level operators).",
         "",
         "| stage | seconds | ms per LoRA | share of the stages |",
         "| --- | ---: | ---: | ---: |",

@@ -12,12 +12,15 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
 
     The temporary file is created with mode 0666, so the kernel applies the process umask itself (the
-    umask is never read by setting it, which would race with other threads creating files). The data
-    and then the directory entry are fsynced, so the rename survives a power cut too.
+    umask is never read by setting it, which would race with other threads creating files). When
+    `durable`, the data and then the directory entry are fsynced, so the rename survives a power cut
+    too; without, a killed process still leaves the old file or the new one, and only a power cut may
+    leave a torn file: for files a reader can recompute when torn (cache entries), where two fsyncs
+    per file would cost more than the write itself.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,10 +28,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
-        with open(tmp, "rb") as f:  # flush the data to disk before the rename makes it visible
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb") as f:  # flush the data to disk before the rename makes it visible
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_directory(path.parent)
+        if durable:
+            _fsync_directory(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -5,8 +5,8 @@ and σ(down)² are their eigenvalues, and ΔWᵀΔW = s² downᵀ G_up down has 
 of s² G_up G_down, which are those of the symmetric s² Fᵀ G_up F for any factor G_down = F Fᵀ
 (F from the eigendecomposition, which, unlike Cholesky, also exists when down is rank-deficient).
 So every spectrum is an r×r symmetric eigenproblem, and the only pass over the out×r and r×in
-factors is one matrix product each, which BLAS runs at full speed (a QR of the same factors is
-slower: LAPACK runs it on one core per batch; see benchmarks/README.md).
+factors is one product each, a symmetric one that BLAS runs at full speed and computes only half of
+(`syrk`; a QR of the same factors is slower; see benchmarks/README.md).
 
 Squaring halves the digits, so by default (`precision="exact"`) the Grams and eigenproblems are
 float64: singular values carry an absolute error near √ε₆₄ · σ₁ ≈ 1.5e-8 · σ₁, below float32's own
@@ -26,9 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
-from dsire.lora import LoRA
+from dsire.lora import LoRA, LoRALayer
 
 Precision = Literal["exact", "fast"]
 GRAM_DTYPES: dict[str, torch.dtype] = {"exact": torch.float64, "fast": torch.float32}
@@ -81,15 +83,27 @@ def lowrank_spectra(
     float64 (see the module docstring), returned in `dtype`. Values beyond a factor's possible rank
     (min(out, r), min(in, r)) are exact zeros.
     """
-    out, rank = up.shape[-2:]
-    if down.shape[-2] != rank:
+    if down.shape[-2] != up.shape[-1]:
         raise ValueError(f"rank mismatch: up {tuple(up.shape)}, down {tuple(down.shape)}")
-    inp = down.shape[-1]
     up, down = up.to(GRAM_DTYPES[precision]), down.to(GRAM_DTYPES[precision])
-    gram_up, gram_down = (up.mT @ up).to(torch.float64), (down @ down.mT).to(torch.float64)
+    shape = (up.shape[-2], down.shape[-1])
+    return gram_spectra(up.mT @ up, down @ down.mT, shape, scale, dtype)
+
+
+def gram_spectra(
+    gram_up: torch.Tensor,
+    gram_down: torch.Tensor,
+    shape: tuple[int, int],
+    scale: torch.Tensor | float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> Spectra:
+    """Spectra of scale · up @ down from G_up = upᵀ up and G_down = down downᵀ ([..., r, r]), for
+    ΔW of `shape` (out, in): the r×r problems, in float64."""
+    gram_up, gram_down = gram_up.to(torch.float64), gram_down.to(torch.float64)
+    (out, inp), rank = shape, gram_up.shape[-1]
     factor = _factor(gram_down)
     core = factor.mT @ gram_up @ factor
-    scale = torch.as_tensor(scale, dtype=torch.float64, device=up.device).abs().unsqueeze(-1)
+    scale = torch.as_tensor(scale, dtype=torch.float64, device=gram_up.device).abs().unsqueeze(-1)
     return Spectra(
         delta=_singular_values(torch.linalg.eigvalsh(core), min(out, inp, rank)) * scale,
         down=_singular_values(torch.linalg.eigvalsh(gram_down), min(inp, rank)),
@@ -117,9 +131,8 @@ def _singular_values(eigenvalues: torch.Tensor, possible_rank: int) -> torch.Ten
 
 
 CHUNK_BYTES = 32 << 20
-"""Most float64 factor bytes per call: bounds the working memory (also on a GPU), and keeps CPU
-allocations small enough to reuse freed memory instead of faulting in fresh pages every call
-(one big batch was slower than chunks)."""
+"""Most float64 factor bytes per chunk: bounds a GPU batch's memory; on the CPU, chunks are the
+units of work that the threads share."""
 
 
 def batch_spectra(
@@ -128,12 +141,13 @@ def batch_spectra(
     dtype: torch.dtype = torch.float32,
     precision: Precision = "exact",
 ) -> list[dict[str, Spectra]]:
-    """Per-layer spectra of several LoRAs; layers of equal shape, across all LoRAs, run as batched
-    calls of at most `CHUNK_BYTES`. Results are on the CPU, in each LoRA's layer order.
+    """Per-layer spectra of several LoRAs; layers of equal shape, across all LoRAs, run as chunks
+    of at most `CHUNK_BYTES`, their r×r problems as batched calls. Results are on the CPU, in each
+    LoRA's layer order.
 
     On the CPU the chunks run on `torch.get_num_threads()` threads of one torch thread each: the
-    batched products are too small for torch's own threads to split well, and threads that never
-    wait for each other degrade gently when other processes want the cores (see benchmarks/README.md).
+    products are too small for torch's own threads to split well, and threads that never wait for
+    each other degrade gently when other processes want the cores (see benchmarks/README.md).
     """
     device = torch.device(device or "cpu")
     chunks = _chunks(loras)
@@ -162,29 +176,60 @@ def _chunk_spectra(
     loras: Sequence[LoRA], device: torch.device, dtype: torch.dtype, precision: Precision, chunk: list[tuple[int, str]]
 ) -> list[Spectra]:
     layers = [loras[i].layers[name] for i, name in chunk]
-    up = _stack([layer.up for layer in layers], device, GRAM_DTYPES[precision])
-    down = _stack([layer.down for layer in layers], device, GRAM_DTYPES[precision])
+    grams = _grams_in_turn if device.type == "cpu" else _grams_stacked
+    gram_up, gram_down = grams(layers, device, GRAM_DTYPES[precision])
     scale = torch.tensor([layer.scale for layer in layers], dtype=torch.float64)
-    batch = lowrank_spectra(up, down, scale, dtype, precision).cpu()
+    batch = gram_spectra(gram_up, gram_down, layers[0].shape, scale.to(device), dtype).cpu()
     return [Spectra(*parts) for parts in zip(batch.delta.unbind(), batch.down.unbind(), batch.up.unbind(), strict=True)]
 
 
+def _grams_in_turn(
+    layers: list[LoRALayer], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grams of same-shape layers on the CPU, one layer at a time, each factor converted into one
+    reused buffer: the converted factor is still in the CPU's cache when its product reads it, where
+    a converted batch would make a round trip through memory. The products are NumPy's, which sees
+    that `xᵀ x` is symmetric and computes half of it (BLAS `syrk`); torch computes all of it."""
+    up, down = torch.empty(layers[0].up.shape, dtype=dtype), torch.empty(layers[0].down.shape, dtype=dtype)
+    rank = up.shape[1]
+    gram_up = torch.empty((len(layers), rank, rank), dtype=dtype)
+    gram_down = torch.empty_like(gram_up)
+    up_np, down_np, gram_up_np, gram_down_np = up.numpy(), down.numpy(), gram_up.numpy(), gram_down.numpy()
+    for i, layer in enumerate(layers):
+        up.copy_(layer.up)
+        down.copy_(layer.down)
+        np.matmul(up_np.T, up_np, out=gram_up_np[i])
+        np.matmul(down_np, down_np.T, out=gram_down_np[i])
+    return gram_up, gram_down
+
+
+def _grams_stacked(
+    layers: list[LoRALayer], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grams of same-shape layers on a GPU: the factors stacked (converted while stacking, into
+    pinned memory for CUDA so the copy runs asynchronously) and multiplied as one batch."""
+    up, down = (_stack([getattr(layer, part) for layer in layers], device, dtype) for part in ("up", "down"))
+    return up.mT @ up, down @ down.mT
+
+
 def _map(fn: Callable[[list], list[Spectra]], chunks: list[list], device: torch.device) -> list[list[Spectra]]:
-    """`fn` over the chunks, in order: in threads of one torch thread each on the CPU, in turn on a GPU."""
+    """`fn` over the chunks, in order: in threads of one torch thread each on the CPU (NumPy's BLAS,
+    which forms the Grams, on one thread too), in turn on a GPU."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or len(chunks) == 1:
+    if device.type != "cpu":
         return [fn(chunk) for chunk in chunks]
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dsire-spectra") as pool:
-            return list(pool.map(fn, chunks))
-    finally:
-        torch.set_num_threads(threads)
+    with threadpool_limits(limits=1, user_api="blas"):
+        if threads == 1 or len(chunks) == 1:
+            return [fn(chunk) for chunk in chunks]
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dsire-spectra") as pool:
+                return list(pool.map(fn, chunks))
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _stack(tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """One `dtype` batch on `device`, converted while stacking (one pass over the weights). For
-    CUDA it is stacked into pinned memory, so the copy to the device runs asynchronously."""
     pinned = device.type == "cuda"
     batch = torch.empty((len(tensors), *tensors[0].shape), dtype=dtype, pin_memory=pinned)
     return torch.stack(tensors, out=batch).to(device, non_blocking=pinned)

@@ -29,6 +29,10 @@ def test_data_and_directory_are_fsynced(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or fsync(fd))
     atomic.atomic_write_text(tmp_path / "a.txt", "hello")
     assert synced == [False, True]  # the file's data, then the directory holding the rename
+    synced.clear()
+    with atomic.atomic_path(tmp_path / "b.txt", durable=False) as tmp:  # cache entries: no fsync
+        tmp.write_text("hello")
+    assert synced == [] and (tmp_path / "b.txt").read_text() == "hello"
 
 
 def test_failure_leaves_the_old_file(tmp_path):

@@ -79,7 +79,7 @@ class SpectraCache:
             tensors |= {f"{name}/{p}": getattr(s, p).contiguous() for p in _PARTS}
             tensors[f"{name}/order"] = torch.tensor(order)
             tensors[f"{name}/shape"] = torch.tensor(shapes[name], dtype=torch.int64)
-        with atomic_path(self._path(entry)) as tmp:
+        with atomic_path(self._path(entry), durable=False) as tmp:  # a torn entry is a miss, recomputed
             save_file(tensors, str(tmp))
         if time.monotonic() - self._flushed >= FLUSH_SECONDS:
             self.flush()
