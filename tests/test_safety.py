@@ -134,9 +134,10 @@ def test_file_size_limit(tmp_path):
 
 
 @pytest.mark.hostile
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nan_inf(tmp_path, bad):
-    state = good_state()
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nan_inf(tmp_path, bad, dtype):
+    state = {name: t.to(dtype) for name, t in good_state().items()}
     state["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"][3, 1] = bad
     path = tmp_path / "n.safetensors"
     save_file(state, str(path))

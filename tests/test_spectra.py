@@ -135,6 +135,22 @@ def test_batch_spectra_across_loras_equals_one_by_one(unet_finetune, unet_finetu
             torch.testing.assert_close(spectra[name].delta, alone[name].delta)
 
 
+def test_gpu_grams_equal_cpu_grams(unet_finetune, tmp_path):
+    """The GPU's stacked Grams and the CPU's layer-by-layer ones are the same products (run here on the CPU)."""
+    from dsire.spectra import _grams_in_turn, _grams_stacked
+
+    path = save_lora(unet_finetune.state, tmp_path / "l.safetensors", "kohya", unet_finetune.config.to_dict())
+    layers = list(load_lora(path).layers.values())
+    shape = layers[0].up.shape, layers[0].down.shape
+    same = [layer for layer in layers if (layer.up.shape, layer.down.shape) == shape]
+    for stacked, in_turn in zip(
+        _grams_stacked(same, torch.device("cpu"), torch.float64),
+        _grams_in_turn(same, torch.device("cpu"), torch.float64),
+        strict=True,
+    ):
+        torch.testing.assert_close(stacked, in_turn, rtol=1e-13, atol=0)
+
+
 def test_ill_conditioned_within_the_gram_bound():
     """Singular values spread over ten orders of magnitude: the squaring costs digits only below
     √ε₆₄ · σ₁, so every value is within 1e-7 of σ₁ and the large ones stay relative-exact."""
