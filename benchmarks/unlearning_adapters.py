@@ -25,7 +25,13 @@ from dsire.unlearning.adapters import deterministic, fit, forget, predict_logits
 from dsire.unlearning.clusters import ClusterSettings
 from dsire.unlearning.evaluation import EvaluationSettings, accuracy_of, deletion_sets, timed
 
-ADAPTERS = ["", "finetune=pad_prompt,finetune.pad=1", "finetune=pad_prompt,finetune.pad=2", "finetune=head_only"]
+ADAPTERS = [
+    "",
+    "finetune=pad_prompt,finetune.pad=1",
+    "finetune=pad_prompt,finetune.pad=2",
+    "finetune=head_only",
+    *(f"finetune={m},finetune.pad=2,finetune.lr={lr}" for lr in (0.03, 0.3) for m in ("pad_prompt", "head_only")),
+]
 
 
 def main() -> None:
@@ -42,7 +48,7 @@ def main() -> None:
             cfg = compose("unlearn", overrides=overrides)
         label, parameters, cpu, kinds, accuracies = measure(cfg, settings)
         cells = " | ".join(f"{a:.3f}" for a in accuracies)
-        rows.append(f"| {label} | {parameters:,} | {cpu:.1f} | {cells} |")
+        rows.append(f"| {label} | {cfg.finetune.lr:g} | {parameters:,} | {cpu:.1f} | {cells} |")
         print(rows[-1], flush=True)
     header = " | ".join(["nothing forgotten", *kinds])
     write_section(
@@ -51,13 +57,13 @@ def main() -> None:
 ## Exact unlearning: LoRA against the paper's pad prompt
 
 `{command_line()}` (`{args.experiment}`): the per-cluster model with each adapter (its own head in
-every case; `head_only`: the head alone). Test accuracy before and after one forget request removing
-the listed fraction of the private split (random examples; whole classes); parameters trained per
-cluster; CPU seconds of the fit (all clusters, the cores shared with other jobs). Accuracies are
-deterministic.
+every case; `head_only`: the head alone; one SGD learning rate for adapter and head). Test accuracy
+before and after one forget request removing the listed fraction of the private split (random
+examples; whole classes); parameters trained per cluster; CPU seconds of the fit (all clusters, one
+thread, the cores shared with other jobs). Accuracies are deterministic.
 
-| adapter | parameters per cluster | fit CPU s | {header} |
-| --- | ---: | ---: | {" | ".join(["---:"] * (1 + len(kinds)))} |
+| adapter | lr | parameters per cluster | fit CPU s | {header} |
+| --- | ---: | ---: | ---: | {" | ".join(["---:"] * (1 + len(kinds)))} |
 {chr(10).join(rows)}
 """,
     )
