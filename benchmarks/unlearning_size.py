@@ -120,7 +120,7 @@ def report(
         rho = spearmanr(size, stats[:, j]).statistic
         cells = " | ".join(f"{m:.4g}" for m in medians[:, j])
         rows.append(f"| {name} | {rho:+.2f} | {cells} |")
-    verdicts = []
+    verdicts, placed = [], {}
     for kind, truth, state in queries:
         point, stat = features(lab, state)
         implied = [sizes[int(np.abs(medians[:, j] - stat[j]).argmin())] for j in range(len(STATISTICS))]
@@ -128,6 +128,13 @@ def report(
         nearest = float(size[np.argsort(distance)[: args.repeats]].mean())
         cells = " | ".join(str(n) for n in implied)
         verdicts.append(f"| {kind} | {truth} | {cells} | {nearest:.1f} |")
+        if kind == "after":  # (k-NN mean n, nearer its own size than the size before the forget?)
+            placed.setdefault(truth, []).append((nearest, abs(nearest - truth) < abs(nearest - members)))
+    summary = "; ".join(
+        f"left with {n}: k-NN mean n {np.mean([m for m, _ in v]):.1f} on average, "
+        f"{sum(near for _, near in v)} of {len(v)} nearer {n} than {members}"
+        for n, v in sorted(placed.items())
+    )
     size_header = " | ".join(f"n = {n}" for n in sizes)
     return f"""
 ## Exact unlearning: does a forgotten cluster's LoRA look like one trained on fewer examples?
@@ -148,6 +155,8 @@ the size each statistic implies (the n whose median is nearest), and the mean n 
 | adapter | members | {" | ".join(f"implied by {n}" for n in STATISTICS)} | k-NN mean n |
 | --- | ---: | {" | ".join(["---:"] * len(STATISTICS))} | ---: |
 {chr(10).join(verdicts)}
+
+After the forget requests ({members} before): {summary}.
 """
 
 
