@@ -25,12 +25,13 @@ from dsire.unlearning.adapters import deterministic, fit, forget, predict_logits
 from dsire.unlearning.clusters import ClusterSettings
 from dsire.unlearning.evaluation import EvaluationSettings, accuracy_of, deletion_sets, timed
 
+PAD_2 = "finetune=pad_prompt,finetune.pad=2"
 ADAPTERS = [
     "",
     "finetune=pad_prompt,finetune.pad=1",
-    "finetune=pad_prompt,finetune.pad=2",
+    PAD_2,
     "finetune=head_only",
-    *(f"finetune={m},finetune.pad=2,finetune.lr={lr}" for lr in (0.03, 0.3) for m in ("pad_prompt", "head_only")),
+    *(f"{m},finetune.lr={lr}" for lr in (0.03, 0.3) for m in (PAD_2, "finetune=head_only")),
 ]
 
 
