@@ -10,7 +10,7 @@ is: it needs the input's shape, which only the unlearning job passes (its per-cl
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -18,6 +18,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from dsire.errors import UserError
+from dsire.hashing import HASHED_UNLESS_DEFAULT
 from dsire.lab.prompts import PadPrompted
 from dsire.settings import require
 
@@ -44,7 +45,7 @@ class FinetuneSettings:
     clip: float = 1.0  # dpsgd: per-example gradient norm bound C
     noise_multiplier: float = 1.0  # dpsgd: σ, noise std = σ·C on the summed clipped gradients
     delta: float = 1e-5  # dpsgd: δ of the (ε, δ) the accountant reports
-    pad: int = 1  # pad_prompt: width of the learnable border in pixels (the paper: 30 on 224×224)
+    pad: int = field(default=1, metadata=HASHED_UNLESS_DEFAULT)  # pad_prompt: border width, pixels (the paper: 30)
 
     def __post_init__(self) -> None:
         require(self.rank >= 1, "rank", f"{self.rank} must be at least 1")
