@@ -3,9 +3,9 @@
 Exact by construction. A cluster's adapter (a LoRA on the backbone or a pad prompt on its input,
 `finetune.method`, plus its own linear head) is trained by the lab's trainer as an ensemble of one:
 its seed (LoRA initialisation and data order) is a hash of the recipe, the cluster's index and its
-member ids, and it sees only its members. So
-a cluster's adapter is a function of its members alone, and `forget`, which retrains the clusters
-that lost members, gives bit for bit the model that `fit` gives on the remaining data.
+member ids, and it sees only its members. So a cluster's adapter is a function of its members
+alone, and `forget`, which retrains the clusters that lost members, gives bit for bit the model
+that `fit` gives on the remaining data.
 
 Why an ensemble of one: the lab's ensemble trains each model as it would alone mathematically,
 but a batched product may reduce in another order when the batch holds other models (BLAS and
