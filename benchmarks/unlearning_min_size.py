@@ -61,11 +61,11 @@ def main() -> None:
                 )
                 print(rows[-1], flush=True)
     write_section(
-        "unlearning_min_size",
+        "unlearning_min_size" if args.experiment == "unlearn_digits" else f"unlearning_min_size_{args.experiment}",
         f"""
 ## Exact unlearning: a minimum cluster size
 
-`{command_line()}` (`{args.experiment}`, {len(lab.task.private)} private digits): a cluster with fewer
+`{command_line()}` (`{args.experiment}`, {len(lab.task.private)} private examples): a cluster with fewer
 private members than the minimum is merged into the cluster of the nearest other public prototype,
 at fit time and again after every forget (so a forget still equals a retrain bit for bit). Each
 deletion is one forget request from the fitted model; accuracy on the test split. Deterministic.

@@ -12,16 +12,26 @@ from typing import Any
 
 import torch
 
+HASHED_UNLESS_DEFAULT = {"hashed": "unless default"}
+"""Metadata of a settings field added after its dataclass was hashed: the field enters `json_hash`
+only when set away from its default, so every earlier recipe keeps its hash, and with it its cached
+backbones, records and the seeds derived from it."""
+
 
 def json_hash(value: Any) -> str:
-    """16 hex digits of SHA-256 over canonical JSON (sorted keys; dataclasses as dicts)."""
+    """16 hex digits of SHA-256 over canonical JSON (sorted keys; dataclasses as dicts, without
+    their `HASHED_UNLESS_DEFAULT` fields at their defaults)."""
     text = json.dumps(value, sort_keys=True, default=_plain)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+        plain = dataclasses.asdict(value)
+        for field in dataclasses.fields(value):
+            if field.metadata == HASHED_UNLESS_DEFAULT and getattr(value, field.name) == field.default:
+                del plain[field.name]
+        return plain
     if isinstance(value, set | frozenset):
         return sorted(value)
     raise TypeError(f"{type(value).__name__} has no canonical JSON form")

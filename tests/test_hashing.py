@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from dsire.data.cache import SpectraCache
 from dsire.hashing import file_sha256, json_hash, tensors_sha256
+from dsire.lab.methods import FinetuneSettings
 from dsire.zoo.base import fingerprint
 from dsire.zoo.plan import recipe_hash
 from tests.conftest import ROOT
@@ -44,3 +45,9 @@ def test_digests_see_every_change():
 def test_file_digest_is_sha256_of_the_bytes(tmp_path):
     (tmp_path / "f").write_bytes(b"x" * (5 << 20))  # more than one read block
     assert file_sha256(tmp_path / "f") == hashlib.sha256(b"x" * (5 << 20)).hexdigest()
+
+
+def test_a_setting_added_later_leaves_earlier_recipes_hashes_alone():
+    """`finetune.pad` came after every lab recipe was hashed (backbone caches, records, per-cluster seeds)."""
+    assert json_hash(FinetuneSettings()) == "4dc01f0bc01b90fc"  # the hash from before `pad` existed
+    assert json_hash(FinetuneSettings(method="pad_prompt")) != json_hash(FinetuneSettings(method="pad_prompt", pad=2))

@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 from dsire.errors import UserError
 from dsire.hashing import file_sha256
 from dsire.lab.build import Lab, build_lab
+from dsire.lab.methods import FinetuneSettings, adapt
+from dsire.lab.prompts import PadPrompted
 from dsire.unlearn import read_ids, unlearn
 from dsire.unlearning.adapters import deterministic, fit, forget, predict_logits
 from dsire.unlearning.clusters import ClusterSettings, fit_prototypes, merge_small, route
@@ -144,6 +146,42 @@ def test_forget_equals_retrain_bitwise(lab: Lab, fitted: Path, tmp_path: Path) -
     assert 3 not in result.model.alive and result.examples_reprocessed == 68 + 26
     logits = predict_logits(result.model, lab, lab.task.test)
     assert torch.isfinite(logits).all() and len(logits) == len(lab.task.test)
+
+
+def test_pad_prompt_adapters_forget_equals_retrain_bitwise(lab: Lab, tmp_path: Path) -> None:
+    """The paper's adapter: a learnable 2-pixel border of the 8×8 input plus a head per cluster."""
+    pad = dataclasses.replace(lab, finetune=FinetuneSettings(method="pad_prompt", pad=2, steps=5, batch_size=8))
+    clustering = ClusterSettings(n_clusters=4)
+    config = {"finetune": dataclasses.asdict(pad.finetune)}
+    with deterministic():
+        model = fit(pad, clustering, config)
+        result = forget(model, pad, clustering, ["digits/56"])
+        retrained = fit(pad, clustering, config, {"digits/56"})
+    assert same_model(result.model, retrained, tmp_path) and len(result.retrained) == 1
+    (cluster,) = result.retrained
+    strips = {"pad_top": (1, 2, 8), "pad_bottom": (1, 2, 8), "pad_left": (1, 4, 2), "pad_right": (1, 4, 2)}
+    state = result.model.states[cluster]
+    assert {n: tuple(state[n].shape) for n in strips} == strips and all(state[n].any() for n in strips)
+    assert set(state) - set(strips) == {"backbone.head.weight", "backbone.head.bias"}
+    assert result.model.adapter_parameters(cluster) == 2 * 16 + 2 * 8 + 128 * 10 + 10
+    assert not torch.equal(state["pad_top"], model.states[cluster]["pad_top"])
+
+
+def test_a_pad_prompt_changes_only_the_border() -> None:
+    prompted = PadPrompted(torch.nn.Identity(), (3, 224, 224), 30)  # the paper's ViT-B/16 input and border
+    assert sum(p.numel() for p in prompted.parameters()) == 3 * (2 * 30 * 224 + 2 * 30 * 164)
+    for parameter in prompted.parameters():
+        torch.nn.init.normal_(parameter)
+    x = torch.randn(2, 3, 224, 224)
+    assert torch.equal(prompted(x)[..., 30:-30, 30:-30], x[..., 30:-30, 30:-30])
+    border = prompted(torch.zeros(1, 3, 224, 224))[0]
+    assert torch.equal(border[:, :30], prompted.pad_top) and torch.equal(border[:, -30:], prompted.pad_bottom)
+    assert torch.equal(border[:, 30:-30, :30], prompted.pad_left)
+    assert torch.equal(border[:, 30:-30, -30:], prompted.pad_right)
+    with pytest.raises(UserError, match=r"finetune\.pad: 4: a border must leave an inside on 8×8 images"):
+        PadPrompted(torch.nn.Identity(), (1, 8, 8), 4)
+    with pytest.raises(UserError, match=r"finetune\.method: pad_prompt is a per-cluster adapter of unlearn\.py only"):
+        adapt(torch.nn.Linear(2, 2), FinetuneSettings(method="pad_prompt"), seed=0)
 
 
 def test_forget_below_the_minimum_size_merges_and_still_equals_retrain(lab: Lab, fitted: Path, tmp_path: Path) -> None:

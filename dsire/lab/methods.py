@@ -2,13 +2,15 @@
 
 `lora` is peft's standard LoRA (A and B train), `lora_fa` freezes A at its random initialisation
 (the setting of the LoRA-as-DP-SGD theorem), `full` trains everything, `head_only` the classifier,
-and `dpsgd` trains the parameters of `dp_params` with per-example clipping and noise (opacus).
+`dpsgd` trains the parameters of `dp_params` with per-example clipping and noise (opacus), and
+`pad_prompt` trains a border of the input image (`dsire.lab.prompts`) while the backbone stays as it
+is: it needs the input's shape, which only the unlearning job passes (its per-cluster adapter).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -16,9 +18,11 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from dsire.errors import UserError
+from dsire.hashing import HASHED_UNLESS_DEFAULT
+from dsire.lab.prompts import PadPrompted
 from dsire.settings import require
 
-Method = Literal["lora", "lora_fa", "full", "head_only", "dpsgd"]
+Method = Literal["lora", "lora_fa", "full", "head_only", "dpsgd", "pad_prompt"]
 PARAMETERISATIONS = ("lora", "lora_fa", "full", "head_only")
 
 
@@ -41,6 +45,7 @@ class FinetuneSettings:
     clip: float = 1.0  # dpsgd: per-example gradient norm bound C
     noise_multiplier: float = 1.0  # dpsgd: σ, noise std = σ·C on the summed clipped gradients
     delta: float = 1e-5  # dpsgd: δ of the (ε, δ) the accountant reports
+    pad: int = field(default=1, metadata=HASHED_UNLESS_DEFAULT)  # pad_prompt: border width, pixels (the paper: 30)
 
     def __post_init__(self) -> None:
         require(self.rank >= 1, "rank", f"{self.rank} must be at least 1")
@@ -54,6 +59,7 @@ class FinetuneSettings:
         require(self.clip > 0, "clip", f"{self.clip} must be positive")
         require(self.noise_multiplier >= 0, "noise_multiplier", f"{self.noise_multiplier} must be ≥ 0")
         require(0 < self.delta < 1, "delta", f"{self.delta} is not in (0, 1)")
+        require(self.pad >= 1, "pad", f"{self.pad} must be at least 1")
 
     @property
     def parameterisation(self) -> str:
@@ -66,14 +72,23 @@ class FinetuneSettings:
         if self.method == "dpsgd":
             inner = FinetuneSettings(method=self.dp_params, rank=self.rank).label  # type: ignore[arg-type]
             return f"dpsgd_{inner}_s{self.noise_multiplier:.3g}"
+        if self.method == "pad_prompt":
+            return f"pad_prompt_p{self.pad}"
         return f"{self.method}_r{self.rank}" if self.method in ("lora", "lora_fa") else self.method
 
 
-def adapt(backbone: nn.Module, settings: FinetuneSettings, seed: int) -> nn.Module:
+def adapt(
+    backbone: nn.Module, settings: FinetuneSettings, seed: int, input_shape: tuple[int, ...] | None = None
+) -> nn.Module:
     """A copy of `backbone` prepared for `settings`: adapters added (LoRA A drawn from `seed`) and
-    `requires_grad` set on exactly the parameters that train."""
+    `requires_grad` set on exactly the parameters that train. `input_shape` (C, H, W) sizes a
+    `pad_prompt`'s border."""
     model = copy.deepcopy(backbone)
     kind = settings.parameterisation
+    if kind == "pad_prompt":
+        if input_shape is None:
+            raise UserError("finetune.method", "pad_prompt is a per-cluster adapter of unlearn.py only")
+        return PadPrompted(model.requires_grad_(False), input_shape, settings.pad)
     if kind in ("lora", "lora_fa"):
         layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
         missing = [t for t in settings.target_modules if not any(n == t or n.endswith(f".{t}") for n in layers)]
@@ -102,7 +117,10 @@ def adapt(backbone: nn.Module, settings: FinetuneSettings, seed: int) -> nn.Modu
 
 
 def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The backbone's state as the model computes it: LoRA merged into the base weights."""
+    """The backbone's state as the model computes it: LoRA merged into the base weights (a pad
+    prompt changes the input, not the weights: its backbone's state)."""
+    if isinstance(model, PadPrompted):
+        model = model.backbone
     if hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model).merge_and_unload()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

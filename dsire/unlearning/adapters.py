@@ -1,10 +1,11 @@
 """Per-cluster adapters: fit every cluster, forget examples by retraining only their clusters.
 
-Exact by construction. A cluster's adapter (a LoRA on the backbone plus its own linear head) is
-trained by the lab's trainer as an ensemble of one: its seed (LoRA initialisation and data order)
-is a hash of the recipe, the cluster's index and its member ids, and it sees only its members. So
-a cluster's adapter is a function of its members alone, and `forget`, which retrains the clusters
-that lost members, gives bit for bit the model that `fit` gives on the remaining data.
+Exact by construction. A cluster's adapter (a LoRA on the backbone or a pad prompt on its input,
+`finetune.method`, plus its own linear head) is trained by the lab's trainer as an ensemble of one:
+its seed (LoRA initialisation and data order) is a hash of the recipe, the cluster's index and its
+member ids, and it sees only its members. So a cluster's adapter is a function of its members
+alone, and `forget`, which retrains the clusters that lost members, gives bit for bit the model
+that `fit` gives on the remaining data.
 
 Why an ensemble of one: the lab's ensemble trains each model as it would alone mathematically,
 but a batched product may reduce in another order when the batch holds other models (BLAS and
@@ -46,13 +47,14 @@ def deterministic() -> Iterator[None]:
 Progress = Callable[[int, int], None]  # (cluster, members) as each cluster starts training
 
 
-def cluster_module(backbone: nn.Module, finetune: FinetuneSettings, seed: int) -> nn.Module:
-    """The backbone with the fine-tune's adapter (`adapt`) and its own trainable linear `head`."""
-    if "head" in finetune.target_modules:
+def cluster_module(lab: Lab, seed: int) -> nn.Module:
+    """The backbone with the fine-tune's adapter (`adapt`: a LoRA, or a pad prompt on the input)
+    and its own trainable linear `head`."""
+    if lab.finetune.parameterisation in ("lora", "lora_fa") and "head" in lab.finetune.target_modules:
         raise UserError(
             "finetune.target_modules", "head is each cluster's own linear head, trained whole: adapt the others"
         )
-    model = adapt(backbone, finetune, seed)
+    model = adapt(lab.backbone, lab.finetune, seed, lab.task.input_shape)
     for name, module in model.named_modules():
         if name.split(".")[-1] == "head":
             module.requires_grad_(True)
@@ -69,9 +71,7 @@ def train_cluster(lab: Lab, cluster: int, members: list[str], index: dict[str, i
     seed = cluster_seed(lab.recipe, lab.finetune, cluster, members)
     mask = torch.zeros(1, len(lab.task.private), dtype=torch.bool)
     mask[0, [index[i] for i in members]] = True
-    ensemble, _ = train(
-        [cluster_module(lab.backbone, lab.finetune, seed)], lab.task.private, mask, [seed], lab.finetune
-    )
+    ensemble, _ = train([cluster_module(lab, seed)], lab.task.private, mask, [seed], lab.finetune)
     return seed, {name: ensemble.stacked[name][0].detach().cpu().clone() for name in ensemble.trainable}
 
 
@@ -211,6 +211,6 @@ def predict_logits(model: UnlearnableModel, lab: Lab, examples: Examples) -> tor
 
 def trained_module(lab: Lab, seed: int, state: dict[str, torch.Tensor]) -> nn.Module:
     """A trained adapter (its seed and trainable tensors) on the backbone, as an ordinary module."""
-    module = cluster_module(lab.backbone, lab.finetune, seed)
+    module = cluster_module(lab, seed)
     module.load_state_dict(state, strict=False)
     return module.eval()

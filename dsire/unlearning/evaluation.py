@@ -155,7 +155,7 @@ class Baselines:
         masks = torch.zeros(len(shards), len(self.lab.task.private), dtype=torch.bool)
         for row, members in enumerate(shards.values()):
             masks[row, [self.index[e] for e in members]] = True
-        models = [cluster_module(self.lab.backbone, self.lab.finetune, seed) for seed in seeds]
+        models = [cluster_module(self.lab, seed) for seed in seeds]
         ensemble, _ = train(models, self.lab.task.private, masks, seeds, self.lab.finetune)
         return ensemble.logits(self.lab.task.test).softmax(-1).mean(0)
 

@@ -111,7 +111,7 @@ def shadow_phis(
         masks = torch.zeros(len(chunk), len(private), dtype=torch.bool)
         for row, (_, _, ids) in enumerate(chunk):
             masks[row, [index[e] for e in ids]] = True
-        models = [cluster_module(lab.backbone, lab.finetune, seed) for seed in seeds]
+        models = [cluster_module(lab, seed) for seed in seeds]
         ensemble, _ = train(models, private, masks, seeds, lab.finetune)
         for row, ((k, c, _), seed) in enumerate(zip(chunk, seeds, strict=True)):
             states[k, c] = seed, {n: ensemble.stacked[n][row].detach().cpu().clone() for n in ensemble.trainable}
