@@ -77,7 +77,7 @@ def build_backbone(settings: BackboneSettings, input_shape: tuple[int, ...], cla
 
 
 def vit_b16(weights: Path, classes: int) -> nn.Module:
-    """timm's ViT-B/16 (the `gpu` extra) with a new `head`; the body's weights from a local file."""
+    """timm's ViT-B/16 (the `vit` or `gpu` extra) with a new `head`; the body's weights from a local file."""
     if not weights.is_file():
         raise UserError("task.backbone.weights", f"{weights} not found (a local ViT-B/16 .safetensors file)")
     model = _timm_vit(classes, "task.backbone.name")
@@ -104,7 +104,7 @@ def _timm_vit(classes: int, where: str) -> nn.Module:
     try:
         import timm
     except ImportError:
-        raise UserError(where, "vit_b16 needs timm: pip install -e '.[gpu]'") from None
+        raise UserError(where, "vit_b16 needs timm: pip install -e '.[vit]' (or '.[gpu]')") from None
     return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=classes)
 
 
