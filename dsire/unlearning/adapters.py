@@ -195,7 +195,6 @@ def split_request(model: UnlearnableModel, requested: list[str]) -> tuple[list[s
 
 
 @torch.no_grad()
-@torch.no_grad()
 def predict_logits(model: UnlearnableModel, lab: Lab, examples: Examples, chunk: int = 512) -> torch.Tensor:
     """[n, classes]: each input through the adapter of its nearest living cluster; the public
     backbone alone when every cluster has been forgotten. Inputs are read `chunk` at a time (a
