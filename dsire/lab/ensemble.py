@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dsire.lab.data import Examples
 from dsire.lab.methods import FinetuneSettings, lora_inputs, param_groups
 
-INPUT_NUMBERS = 1 << 25  # input numbers of one inference pass of an ensemble: 222 RGB 224² images, 512 digits at any M
+INPUT_NUMBERS = 1 << 25  # numbers fed to one inference pass of an ensemble: 222 RGB 224² images, 512 digits to M = 1024
 
 
 @dataclass
