@@ -3,7 +3,7 @@ fit (`unlearn.py`), a forget request and the retrain it must equal, on timm's Vi
 weights and digits upscaled into an image folder (`benchmarks.vit_inputs`). It checks the code path
 and measures time per step, not a real ViT's accuracy. Needs timm (`pip install -e '.[vit]'`).
 
-    python -m benchmarks.vit_check                      # CPU: a few minutes on an idle 2-core machine
+    python -m benchmarks.vit_check                      # CPU: slow on 2 cores (figures in benchmarks/README.md)
     python -m benchmarks.vit_check --accelerator gpu    # the audit on CUDA (benchmarks/gpu_check.sh)
 
 Figures go to `<out>/vit_check.md` and to the section `vit_<accelerator>` of benchmarks/README.md.
@@ -124,6 +124,7 @@ def main() -> None:
     args.out = args.out.resolve()
     inputs = args.out / "inputs"
     args.out.mkdir(parents=True, exist_ok=True)
+    load = [os.getloadavg()[0]]
     started = time.perf_counter()
     make_inputs(inputs, args.images, 224)
     seconds = {"inputs": time.perf_counter() - started}
@@ -148,7 +149,8 @@ def main() -> None:
     mia = json.loads((args.out / "audit" / "mia.json").read_text())[f"lora_r{args.rank}"]
     fit = json.loads((args.out / "unlearn_fit" / "fit.json").read_text())
     receipts = {mode: json.loads((args.out / mode / "receipt.json").read_text()) for mode in ("forget", "retrain")}
-    report = {"seconds": seconds, "steps": steps, "mia": mia, "fit": fit, "receipts": receipts}
+    load.append(os.getloadavg()[0])
+    report = {"seconds": seconds, "steps": steps, "mia": mia, "fit": fit, "receipts": receipts, "load": load}
     atomic_write_text(args.out / "vit_check.json", json.dumps(report, indent=1))
     markdown = summary(args, report)
     atomic_write_text(args.out / "vit_check.md", markdown)
@@ -186,7 +188,9 @@ def summary(args: argparse.Namespace, report: dict) -> str:
 
 `{command_line()}` on {device}, torch {torch.__version__}: {args.images} images, {args.private} private,
 LoRA r={args.rank} on every block's `qkv`, {args.steps} steps of batch {args.batch_size},
-{args.ensemble} models at once. Wall seconds (each script's, start-up and model loading included):
+{args.ensemble} models at once; 1-minute load average {report["load"][0]:.1f} at the start, {report["load"][1]:.1f}
+at the end (other jobs on the machine slow every figure). Wall seconds (each script's, start-up and model
+loading included):
 
 | what | seconds |
 | --- | ---: |
