@@ -4,6 +4,7 @@ hash and the one-line errors; one test with the real timm runs only where it is 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 from pathlib import Path
@@ -18,12 +19,14 @@ from torch import nn
 
 from dsire.errors import UserError
 from dsire.lab.backbones import BackboneSettings, backbone_from_state, vit_b16, weights_sha256
-from dsire.lab.build import build_lab
+from dsire.lab.build import NESTED, build_lab
 from dsire.lab.data import TaskSettings, load_task
 from dsire.lab.ensemble import Ensemble, train
 from dsire.lab.methods import FinetuneSettings, adapt
-from dsire.privacy.membership import alignment_scores
+from dsire.privacy.membership import MembershipSettings, alignment_scores
 from dsire.project import ROOT
+from dsire.settings import from_config
+from dsire.unlearning.clusters import ClusterSettings
 
 
 class Attention(nn.Module):
@@ -217,3 +220,20 @@ def test_real_vit_b16_loads_reloads_and_takes_lora_on_qkv(tmp_path: Path) -> Non
     assert len(trainable) == 24 and all(".attn.qkv.lora_" in n for n in trainable)
     with torch.no_grad():
         assert adapted(torch.zeros(1, 3, 224, 224)).shape == (1, 10)
+
+
+def test_real_scale_recipes_are_valid_settings() -> None:
+    """mia_rank_vit and unlearn_vit (never run here) hold settings the lab accepts, LoRA on qkv."""
+    paths = ("task.path=images", "task.backbone.weights=w.safetensors")
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        audit = compose("audit", overrides=["+experiment=mia_rank_vit", *paths])
+        unlearn = compose("unlearn", overrides=["+experiment=unlearn_vit", *paths])
+    for cfg in (audit, unlearn):
+        assert from_config(BackboneSettings, cfg.task.backbone, "task.backbone").name == "vit_b16"
+        from_config(TaskSettings, {k: v for k, v in cfg.task.items() if k not in NESTED}, "task")
+        assert from_config(FinetuneSettings, cfg.finetune, "finetune").target_modules == ("qkv",)
+    assert audit.lab.accelerator == "gpu"
+    finetune = dataclasses.asdict(from_config(FinetuneSettings, audit.finetune, "finetune"))
+    for entry in from_config(MembershipSettings, audit.mia, "mia").configurations:
+        from_config(FinetuneSettings, {**finetune, **entry}, "mia.configurations")
+    from_config(ClusterSettings, unlearn.unlearning.clustering, "unlearning.clustering")
