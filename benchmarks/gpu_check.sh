@@ -2,8 +2,9 @@
 # Everything dsire does on a GPU, in one call on a lent GPU machine (a few minutes on one GPU):
 #   1. the CUDA tests;  2. featurisation on CUDA beside the CPU, on the same synthetic SD 1.5 zoo;
 #   3. FAISS indices (Flat, IVF with nprobe) on the GPU;  4. train.py trainer=gpu end to end;
-#   5. the lab's GPU recipe: a membership audit of LoRA on timm's ViT-B/16 (random weights, digits
-#      upscaled into an image folder: it checks the code path, not the accuracy of a real ViT).
+#   5. the lab's ViT-B/16 recipe (benchmarks/vit_check.py: the membership audit on CUDA, then unlearning's
+#      fit, forget and retrain, on timm's ViT-B/16 with random weights and digits upscaled into an image
+#      folder: it checks the code path, not the accuracy of a real ViT).
 # Figures go to $OUT/gpu_check.md (with each step's log beside it) and to benchmarks/README.md.
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
@@ -65,42 +66,20 @@ step featurise 180 "$PYTHON" -m benchmarks.featurise --loras 96 --paper-loras 4 
 step faiss_gpu 120 "$PYTHON" -m benchmarks.index --sizes 1000 10000 100000 --gpu
 step train_gpu 180 "$PYTHON" train.py trainer=gpu logger=csv "hydra.run.dir=$OUT/train_gpu" "paths.cache_dir=$OUT/cache"
 
-VIT="$OUT/vit_inputs"
-step vit_inputs 120 "$PYTHON" - "$VIT" <<'PY'
-import pathlib
-import sys
-
-import numpy as np
-import timm
-import torch
-from PIL import Image
-from safetensors.torch import save_file
-from sklearn.datasets import load_digits
-
-out = pathlib.Path(sys.argv[1])
-digits = load_digits()
-for i, (image, label) in enumerate(zip(digits.images[:400], digits.target[:400])):
-    folder = out / "images" / str(label)
-    folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((image * 255 / 16).astype(np.uint8)).resize((224, 224)).convert("RGB").save(folder / f"{i}.png")
-torch.manual_seed(0)
-state = timm.create_model("vit_base_patch16_224", pretrained=False).state_dict()
-save_file({k: v.contiguous() for k, v in state.items()}, str(out / "vit_b16_random.safetensors"))
-PY
-step audit_vit 240 "$PYTHON" audit.py +experiment=mia_rank_tiny task=image_folder "task.path=$VIT/images" \
-  "task.backbone.weights=$VIT/vit_b16_random.safetensors" task.private_limit=64 task.pretrain.steps=20 \
-  finetune.steps=20 "finetune.target_modules=[qkv]" "mia.configurations=[{method: lora, rank: 4}]" \
-  mia.ensemble_size=10 lab.accelerator=gpu logger=csv "hydra.run.dir=$OUT/audit_vit" "paths.cache_dir=$OUT/cache"
+if "$PYTHON" -c "import timm" 2>/dev/null; then
+  step vit 600 "$PYTHON" -m benchmarks.vit_check --accelerator gpu --out "$OUT/vit" --private 64 --ensemble 10
+else
+  echo "| vit | 0 | **skipped**: timm (or its torchvision) does not import; gpu_wheels.sh carries timm |" >>"$REPORT"
+fi
 
 {
   echo
-  for section in featurise_gpu index_gpu; do
+  for section in featurise_gpu index_gpu vit_gpu; do
     sed -n "/<!-- $section:begin -->/,/<!-- $section:end -->/p" benchmarks/README.md | sed '1d;$d'
     echo
   done
   metrics=$(find "$OUT/train_gpu" -name metrics.json 2>/dev/null | head -n 1)
   [ -n "$metrics" ] && echo "train.py trainer=gpu on the bundled zoo, summary: \`$("$PYTHON" -c \
     'import json, sys; print(json.load(open(sys.argv[1]))["summary"])' "$metrics")\`"
-  [ -f "$OUT/audit_vit/mia.json" ] && echo "audit.py on ViT-B/16 (random weights): \`$(tr -d '\n ' <"$OUT/audit_vit/mia.json")\`"
 } >>"$REPORT"
 cat "$REPORT"

@@ -16,4 +16,6 @@ rm -rf .gpu_wheels
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --dest .gpu_wheels \
   $pins
 "$PIP" wheel --quiet --no-deps --wheel-dir .gpu_wheels "antlr4-python3-runtime==4.9.3"  # omegaconf's pin; sdist only
+# the ViT-B/16 recipe's timm (pure Python; the .venv has none to pin from); its torchvision is the image's
+"$PIP" download --quiet --no-deps --only-binary=:all: --dest .gpu_wheels "timm==${TIMM_VERSION:-1.0.31}"
 du -sh .gpu_wheels

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dsire.errors import UserError
+from dsire.hashing import file_sha256
 from dsire.lora.files import read_safetensors
 from dsire.settings import require
 
@@ -76,14 +77,10 @@ def build_backbone(settings: BackboneSettings, input_shape: tuple[int, ...], cla
 
 
 def vit_b16(weights: Path, classes: int) -> nn.Module:
-    """timm's ViT-B/16 (the `gpu` extra) with a new `head`; the body's weights from a local file."""
+    """timm's ViT-B/16 (the `vit` or `gpu` extra) with a new `head`; the body's weights from a local file."""
     if not weights.is_file():
         raise UserError("task.backbone.weights", f"{weights} not found (a local ViT-B/16 .safetensors file)")
-    try:
-        import timm
-    except ImportError:
-        raise UserError("task.backbone.name", "vit_b16 needs timm: pip install -e '.[gpu]'") from None
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=classes)
+    model = _timm_vit(classes, "task.backbone.name")
     state, _ = read_safetensors(weights)
     body = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(body, strict=False)
@@ -92,8 +89,30 @@ def vit_b16(weights: Path, classes: int) -> nn.Module:
     return model
 
 
+def weights_sha256(settings: BackboneSettings) -> str | None:
+    """The weights file's digest (None without one): a part of the lab's recipe hash, so a new file
+    at the same path never reuses a backbone pretrained from the old one."""
+    if settings.weights is None:
+        return None
+    path = Path(settings.weights)
+    if not path.is_file():
+        raise UserError("task.backbone.weights", f"{path} not found (a local ViT-B/16 .safetensors file)")
+    return file_sha256(path)
+
+
+def _timm_vit(classes: int, where: str) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise UserError(where, "vit_b16 needs timm: pip install -e '.[vit]' (or '.[gpu]')") from None
+    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=classes)
+
+
 def backbone_from_state(state: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """The MLP or CNN whose weights `state` holds (architecture read from the tensor shapes)."""
+    """The MLP, CNN or ViT-B/16 whose weights `state` holds (architecture read from the tensor names
+    and shapes), e.g. a lab's cached pretrained backbone."""
+    if "patch_embed.proj.weight" in state:
+        return _vit_from_state(state, where)
     convs = sum(1 for k in state if k.startswith("conv") and k.endswith(".weight"))
     linears = sum(1 for k in state if k.startswith("fc") and k.endswith(".weight"))
     try:
@@ -108,5 +127,19 @@ def backbone_from_state(state: dict[str, torch.Tensor], where: str) -> nn.Module
             model = MLP(first.shape[1], first.shape[0], linears, head.shape[0])
         model.load_state_dict(state)
     except (KeyError, RuntimeError, IndexError, ZeroDivisionError) as exc:
-        raise UserError(where, f"not the state dict of a dsire MLP or CNN backbone ({str(exc)[:200]})") from None
+        raise UserError(
+            where, f"not the state dict of a dsire MLP, CNN or ViT-B/16 backbone ({str(exc)[:200]})"
+        ) from None
+    return model
+
+
+def _vit_from_state(state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """A whole ViT-B/16 state dict, head included (its classes from `head.weight`), loaded strictly."""
+    if "head.weight" not in state:
+        raise UserError(where, "a ViT state dict without head.weight (the lab's backbones keep their head)")
+    model = _timm_vit(state["head.weight"].shape[0], where)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(where, f"not the state dict of a ViT-B/16 ({str(exc)[:200]})") from None
     return model

@@ -13,7 +13,7 @@ from torch import nn
 from dsire.distributed import one_rank_at_a_time
 from dsire.errors import UserError
 from dsire.hashing import json_hash
-from dsire.lab.backbones import BackboneSettings
+from dsire.lab.backbones import BackboneSettings, weights_sha256
 from dsire.lab.data import Task, TaskSettings, load_task
 from dsire.lab.methods import FinetuneSettings
 from dsire.lab.train import pretrained_backbone
@@ -39,7 +39,8 @@ def build_lab(cfg: DictConfig, device: torch.device | str = "cpu") -> Lab:
     pretrain = from_config(FinetuneSettings, cfg.task.get("pretrain"), "task.pretrain")
     finetune = from_config(FinetuneSettings, cfg.finetune, "finetune")
     task = load_task(task_settings)
-    recipe = json_hash([task_settings, backbone, pretrain])
+    weights = weights_sha256(backbone)  # of the file's bytes: its path alone would not tell a new file
+    recipe = json_hash([task_settings, backbone, pretrain] + ([weights] if weights else []))
     lab_dir = Path(cfg.paths.cache_dir) / "lab"
     for _ in one_rank_at_a_time():
         model = pretrained_backbone(task, backbone, pretrain, lab_dir / f"backbone_{recipe}.safetensors", device)

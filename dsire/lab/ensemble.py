@@ -16,6 +16,7 @@ models are trained one at a time with opacus, then stacked like the others.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dsire.lab.data import Examples
 from dsire.lab.methods import FinetuneSettings, lora_inputs, param_groups
+
+INPUT_NUMBERS = 1 << 25  # numbers fed to one inference pass of an ensemble: 222 RGB 224² images, 512 digits to M = 1024
 
 
 @dataclass
@@ -68,8 +71,11 @@ class Ensemble:
         return vmap(one)(self.stacked if stacked is None else stacked, x)
 
     @torch.no_grad()
-    def logits(self, examples: Examples, chunk: int = 512) -> torch.Tensor:
-        """Every model's logits on every example, on the CPU: [M, n, classes]."""
+    def logits(self, examples: Examples) -> torch.Tensor:
+        """Every model's logits on every example, on the CPU: [M, n, classes]; at most 512 examples a
+        pass, fewer where M models' inputs would pass `INPUT_NUMBERS` (224² RGB images)."""
+        per_pass = len(self) * math.prod(examples.take(torch.arange(1)).shape[1:])
+        chunk = max(1, min(512, INPUT_NUMBERS // per_pass))
         outputs = []
         for start in range(0, len(examples), chunk):
             x = examples.take(torch.arange(start, min(start + chunk, len(examples)))).to(self.device)

@@ -23,7 +23,7 @@ from dsire.distributed import rank_and_world
 from dsire.hashing import json_hash
 from dsire.lab.build import Lab
 from dsire.lab.data import Examples
-from dsire.lab.gradients import example_gradients
+from dsire.lab.gradients import example_gradients, flat_gradient_chunks
 from dsire.lab.methods import FinetuneSettings, adapt, weight_change
 from dsire.lab.records import TrainingRecord
 from dsire.lab.subsets import half_masks
@@ -175,11 +175,12 @@ def alignment_scores(
 ) -> np.ndarray:
     """[len(deltas), examples]: cos(−g_e, ΔW) over the parameters `names`, g_e the example's loss
     gradient at `backbone` (computed once for all weight changes)."""
-    grads = example_gradients(backbone, examples, names)
-    flat = torch.cat([grads[n].flatten(1) for n in names], dim=1)
-    return np.stack(
-        [gradient_alignment(flat, torch.cat([d[n].flatten() for n in names])).double().cpu().numpy() for d in deltas]
-    )
+    changes = [torch.cat([d[n].flatten() for n in names]) for d in deltas]
+    parts = [
+        torch.stack([gradient_alignment(flat, change) for change in changes])
+        for _, flat in flat_gradient_chunks(backbone, examples, names)
+    ]
+    return torch.cat(parts, dim=1).double().cpu().numpy()
 
 
 def _weight_change(

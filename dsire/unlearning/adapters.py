@@ -195,17 +195,19 @@ def split_request(model: UnlearnableModel, requested: list[str]) -> tuple[list[s
 
 
 @torch.no_grad()
-def predict_logits(model: UnlearnableModel, lab: Lab, examples: Examples) -> torch.Tensor:
+def predict_logits(model: UnlearnableModel, lab: Lab, examples: Examples, chunk: int = 512) -> torch.Tensor:
     """[n, classes]: each input through the adapter of its nearest living cluster; the public
-    backbone alone when every cluster has been forgotten."""
+    backbone alone when every cluster has been forgotten. Inputs are read `chunk` at a time (a
+    folder of images need not fit in memory)."""
     routed = model.route(features(lab.backbone, examples))
-    inputs = examples.take(torch.arange(len(examples)))
     device = next(lab.backbone.parameters()).device
     logits = torch.empty(len(examples), lab.task.classes)
     for cluster in routed.unique().tolist():
-        chosen = routed == cluster
+        chosen = torch.nonzero(routed == cluster).flatten()
         module = lab.backbone if cluster < 0 else trained_module(lab, model.seeds[cluster], model.states[cluster])
-        logits[chosen] = module(inputs[chosen].to(device)).cpu()
+        for start in range(0, len(chosen), chunk):
+            index = chosen[start : start + chunk]
+            logits[index] = module(examples.take(index).to(device)).cpu()
     return logits
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from dsire.lab.build import Lab
 from dsire.lab.data import Examples
 from dsire.lab.ensemble import train
-from dsire.lab.gradients import example_gradients
+from dsire.lab.gradients import flat_gradient_chunks
 from dsire.lab.methods import weight_change
 from dsire.lab.subsets import half_masks
 from dsire.privacy.attacks import gradient_alignment, lira_online, logit_confidence, loss_attack
@@ -152,11 +152,10 @@ def white_box(lab: Lab, model: UnlearnableModel, examples: Examples) -> np.ndarr
     names = sorted({n for delta in deltas.values() for n, d in delta.items() if d.any()})
     scores = np.zeros(len(examples))
     if names:
-        grads = example_gradients(lab.backbone, examples, names)
-        flat = torch.cat([grads[n].flatten(1) for n in names], dim=1)
-        for cluster, delta in deltas.items():
-            chosen = (routed == cluster).numpy()
-            if chosen.any():
-                change = torch.cat([delta[n].flatten() for n in names])
-                scores[chosen] = gradient_alignment(flat[chosen], change).double().numpy()
+        changes = {c: torch.cat([delta[n].flatten() for n in names]) for c, delta in deltas.items()}
+        for index, flat in flat_gradient_chunks(lab.backbone, examples, names):
+            for cluster, change in changes.items():
+                chosen = routed[index] == cluster
+                if chosen.any():
+                    scores[index[chosen].numpy()] = gradient_alignment(flat[chosen], change).double().cpu().numpy()
     return scores
