@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from benchmarks.report import command_line, write_section
-from dsire.lab.build import build_lab
 from dsire.project import ROOT
-from dsire.settings import from_config
+from dsire.unlearn import fit_inputs
 from dsire.unlearning.adapters import deterministic, fit, forget, predict_logits
-from dsire.unlearning.clusters import ClusterSettings
 from dsire.unlearning.evaluation import EvaluationSettings, accuracy_of, deletion_sets, timed
 
 PAD_2 = "finetune=pad_prompt,finetune.pad=2"
@@ -73,9 +71,7 @@ thread, the cores shared with other jobs). Accuracies are deterministic.
 def measure(cfg: DictConfig, settings: EvaluationSettings) -> tuple[str, int, float, list[str], list[float]]:
     """(adapter label, parameters per cluster, fit CPU seconds, deletion names, accuracy before and
     after each deletion) of the per-cluster model of `cfg`."""
-    lab = build_lab(cfg)
-    clustering = from_config(ClusterSettings, cfg.unlearning.clustering, "unlearning.clustering")
-    recipe = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("task", "finetune", "unlearning")}
+    lab, clustering, recipe = fit_inputs(cfg)
     with deterministic():
         model, (_, cpu) = timed(lambda: fit(lab, clustering, recipe))
         accuracies = [accuracy_of(predict_logits(model, lab, lab.task.test), lab)]

@@ -15,14 +15,11 @@ import argparse
 import os
 
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from benchmarks.report import command_line, write_section
-from dsire.lab.build import build_lab
 from dsire.project import ROOT
-from dsire.settings import from_config
+from dsire.unlearn import fit_inputs
 from dsire.unlearning.adapters import deterministic, fit, predict_logits
-from dsire.unlearning.clusters import ClusterSettings
 from dsire.unlearning.evaluation import COSTED, Baselines, EvaluationSettings, accuracy_of, logits_of, request_costs
 
 HEADER = (
@@ -50,9 +47,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("unlearn", overrides=overrides)
     load_before = os.getloadavg()
-    lab = build_lab(cfg)
-    clustering = from_config(ClusterSettings, cfg.unlearning.clustering, "unlearning.clustering")
-    recipe = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("task", "finetune", "unlearning")}
+    lab, clustering, recipe = fit_inputs(cfg)
     index = {e: i for i, e in enumerate(lab.task.private.ids)}
     with deterministic():
         model = fit(lab, clustering, recipe)

@@ -14,14 +14,12 @@ import argparse
 import dataclasses
 
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from benchmarks.report import command_line, write_section
-from dsire.lab.build import build_lab
 from dsire.project import ROOT
 from dsire.settings import from_config
+from dsire.unlearn import fit_inputs
 from dsire.unlearning.adapters import deterministic, fit, forget, predict_logits
-from dsire.unlearning.clusters import ClusterSettings
 from dsire.unlearning.evaluation import EvaluationSettings, accuracy_of, deletion_sets
 
 HEADER = (
@@ -37,9 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("unlearn", overrides=[f"+experiment={args.experiment}", f"paths.root_dir={ROOT}"])
-    lab = build_lab(cfg)
-    base = from_config(ClusterSettings, cfg.unlearning.clustering, "unlearning.clustering")
-    recipe = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("task", "finetune", "unlearning")}
+    lab, base, recipe = fit_inputs(cfg)
     settings = from_config(EvaluationSettings, cfg.get("evaluation") or {}, "evaluation")
     rows = []
     for min_size in args.min_sizes:

@@ -28,17 +28,15 @@ import argparse
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 
 from benchmarks.report import command_line, write_section
-from dsire.lab.build import Lab, build_lab
+from dsire.lab.build import Lab
 from dsire.lab.ensemble import train
 from dsire.project import ROOT
-from dsire.settings import from_config
 from dsire.spectra import lowrank_spectra
+from dsire.unlearn import fit_inputs
 from dsire.unlearning.adapters import cluster_module, cluster_seed, deterministic, fit, forget
-from dsire.unlearning.clusters import ClusterSettings
 
 REFERENCE = 1000  # reference r's cluster index in its seed: apart from every real cluster's
 STATISTICS = ("‖ΔW‖_F", "σ₁(ΔW)", "‖Δhead‖_F")
@@ -54,9 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("unlearn", overrides=[f"+experiment={args.experiment}", f"paths.root_dir={ROOT}"])
-    lab = build_lab(cfg)
-    clustering = from_config(ClusterSettings, cfg.unlearning.clustering, "unlearning.clustering")
-    recipe = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("task", "finetune", "unlearning")}
+    lab, clustering, recipe = fit_inputs(cfg)
     rng = np.random.default_rng(0)
     with deterministic():
         model = fit(lab, clustering, recipe)

@@ -53,16 +53,23 @@ def _progress(cluster: int, members: int) -> None:
     log.info(f"training cluster {cluster} on {members} examples")
 
 
-def _fit(cfg: DictConfig) -> dict:
+def fit_inputs(cfg: DictConfig) -> tuple[Lab, ClusterSettings, dict]:
+    """What `fit` takes from an unlearn config: the lab, the clustering settings and the recipe (the
+    settings a model records, so that `forget` retrains with them)."""
     clustering = from_config(ClusterSettings, cfg.unlearning.clustering, "unlearning.clustering")
+    lab = build_lab(cfg)
+    recipe = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("task", "finetune", "unlearning")}
+    return lab, clustering, recipe
+
+
+def _fit(cfg: DictConfig) -> dict:
     evaluation = (
         None if cfg.get("evaluation") is None else from_config(EvaluationSettings, cfg.evaluation, "evaluation")
     )
     membership = (
         None if cfg.get("membership") is None else from_config(MembershipSettings, cfg.membership, "membership")
     )
-    lab = build_lab(cfg)
-    recipe = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("task", "finetune", "unlearning")}
+    lab, clustering, recipe = fit_inputs(cfg)
     started = time.perf_counter()
     model = fit(lab, clustering, recipe, progress=_progress)
     seconds = time.perf_counter() - started
