@@ -179,7 +179,7 @@ def _chunk_spectra(
     grams = _grams_in_turn if device.type == "cpu" else _grams_stacked
     gram_up, gram_down = grams(layers, device, GRAM_DTYPES[precision])
     scale = torch.tensor([layer.scale for layer in layers], dtype=torch.float64)
-    batch = gram_spectra(gram_up, gram_down, layers[0].shape, scale.to(device), dtype).cpu()
+    batch = gram_spectra(gram_up, gram_down, layers[0].shape, scale, dtype).cpu()
     return [Spectra(*parts) for parts in zip(batch.delta.unbind(), batch.down.unbind(), batch.up.unbind(), strict=True)]
 
 
