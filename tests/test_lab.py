@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from dsire.errors import UserError
@@ -178,3 +179,13 @@ def test_dpsgd_reports_the_accountants_epsilon_for_its_sampling(backbone: nn.Mod
     assert set(ensemble.trainable) == {n for n, p in model.named_parameters() if p.requires_grad}
     moved = ensemble.stacked["base_model.model.fc1.lora_B.default.weight"][0]
     assert moved.abs().max() > 0  # the noisy steps changed B
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_accelerator_without_cuda_is_one_error_line():
+    """The GPU recipes' lab.accelerator=gpu on a CPU machine: the key named, not Lightning's traceback."""
+    from dsire.lab.build import launch
+
+    with pytest.raises(UserError, match="no CUDA device") as info:
+        launch(OmegaConf.create({"accelerator": "gpu", "devices": 1, "num_nodes": 1}))
+    assert info.value.where == "lab.accelerator"

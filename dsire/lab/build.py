@@ -17,7 +17,7 @@ from dsire.lab.backbones import BackboneSettings, weights_sha256
 from dsire.lab.data import Task, TaskSettings, load_task
 from dsire.lab.methods import FinetuneSettings
 from dsire.lab.train import pretrained_backbone
-from dsire.settings import from_config
+from dsire.settings import from_config, require_device
 
 NESTED = ("backbone", "pretrain")  # task.backbone.*, task.pretrain.*: settings of their own
 
@@ -52,6 +52,7 @@ def launch(cfg: DictConfig) -> Fabric:
     processes = cfg.devices * cfg.num_nodes
     if cfg.devices < 1 or cfg.num_nodes < 1:
         raise UserError("lab.devices", f"{cfg.devices} devices × {cfg.num_nodes} nodes: both must be ≥ 1")
+    require_device("lab.accelerator", cfg.accelerator)
     fabric = Fabric(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
