@@ -25,6 +25,7 @@ from hydra import compose, initialize_config_dir
 from benchmarks.report import command_line, write_section
 from benchmarks.vit_inputs import WEIGHTS, make_inputs
 from dsire.atomic import atomic_write_text
+from dsire.errors import report_user_errors
 from dsire.lab.build import build_lab
 from dsire.lab.ensemble import Ensemble, train_ensemble
 from dsire.lab.methods import adapt
@@ -110,6 +111,7 @@ def forget_list(model: Path, out: Path) -> Path:
     return path
 
 
+@report_user_errors
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "vit_check")

@@ -19,24 +19,26 @@ from PIL import Image
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
+from dsire.errors import report_user_errors
+from dsire.lab.backbones import timm_vit
+
 WEIGHTS = "vit_b16_random.safetensors"
 
 
 def make_inputs(out: Path, images: int, size: int) -> None:
     """`out/images/<digit>/<i>.png` (RGB, size × size) and `out/vit_b16_random.safetensors`."""
-    import timm  # the gpu extra: only this check and the recipe need it
-
+    torch.manual_seed(0)  # the model first, so that a machine without timm writes nothing
+    state = timm_vit(1000, "benchmarks.vit_inputs").state_dict()  # timm's default ImageNet head
     digits = load_digits()
     for i, (image, label) in enumerate(zip(digits.images[:images], digits.target[:images], strict=True)):
         folder = out / "images" / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         pixels = Image.fromarray((image * 255 / 16).astype(np.uint8))
         pixels.resize((size, size)).convert("RGB").save(folder / f"{i}.png")
-    torch.manual_seed(0)
-    state = timm.create_model("vit_base_patch16_224", pretrained=False).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS))
 
 
+@report_user_errors
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)

@@ -80,7 +80,7 @@ def vit_b16(weights: Path, classes: int) -> nn.Module:
     """timm's ViT-B/16 (the `vit` or `gpu` extra) with a new `head`; the body's weights from a local file."""
     if not weights.is_file():
         raise UserError("task.backbone.weights", f"{weights} not found (a local ViT-B/16 .safetensors file)")
-    model = _timm_vit(classes, "task.backbone.name")
+    model = timm_vit(classes, "task.backbone.name")
     state, _ = read_safetensors(weights)
     body = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(body, strict=False)
@@ -100,7 +100,9 @@ def weights_sha256(settings: BackboneSettings) -> str | None:
     return file_sha256(path)
 
 
-def _timm_vit(classes: int, where: str) -> nn.Module:
+def timm_vit(classes: int, where: str) -> nn.Module:
+    """timm's ViT-B/16 architecture, randomly initialised, with `classes` outputs; without timm, a
+    `UserError` at `where` saying how to install it."""
     try:
         import timm
     except ImportError:
@@ -137,7 +139,7 @@ def _vit_from_state(state: dict[str, torch.Tensor], where: str) -> nn.Module:
     """A whole ViT-B/16 state dict, head included (its classes from `head.weight`), loaded strictly."""
     if "head.weight" not in state:
         raise UserError(where, "a ViT state dict without head.weight (the lab's backbones keep their head)")
-    model = _timm_vit(state["head.weight"].shape[0], where)
+    model = timm_vit(state["head.weight"].shape[0], where)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
